@@ -1,0 +1,371 @@
+"""ChatbotTraining spec: what a user asks for.
+
+`TrainingParams` holds everything the trainer needs (the seed workflow's inputs plus LoRA,
+evaluation and export settings). `ChatbotTrainingSpec` adds what only the cluster needs
+(GPUs, scheduling, storage, images, step policies, suspend). Field names are snake_case in
+Python and camelCase in Kubernetes; both spellings are accepted on input.
+
+Cross-field rules live in `CROSS_FIELD_RULES`: each one is a CEL expression for the CRD and
+the same check in Python, so `kubectl apply` and the local CLI reject the same specs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "chatbot.dev"
+VERSION = "v1alpha1"
+KIND = "ChatbotTraining"
+PLURAL = "chatbottrainings"
+SINGULAR = "chatbottraining"
+SHORT_NAMES = ["cbt"]
+CATEGORIES = ["ml"]
+
+StepName = Literal["prepare", "configure", "train", "evaluate", "export"]
+STEPS: tuple[str, ...] = ("prepare", "configure", "train", "evaluate", "export")
+Quantization = Literal["f32", "f16", "bf16", "q8_0", "q4_0"]
+
+
+class ApiModel(BaseModel):
+    """Base for API objects: camelCase on the wire, snake_case in Python, unknown keys rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        extra="forbid",
+    )
+
+    def to_api(self) -> dict[str, Any]:
+        """The camelCase dict as stored in Kubernetes (unset optional fields left out)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+class DataSpec(ApiModel):
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = Field(
+        "auto", description="Record format of the training data; auto detects it per record."
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0.0, le=0.5, description="Share of conversations held out for evaluation."
+    )
+    max_bad_line_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Fail the prepare step when more than this share of lines is malformed.",
+    )
+    system_prompt: str | None = Field(
+        None, description="System prompt added to conversations that have none."
+    )
+    dedupe: bool = Field(True, description="Drop duplicate conversations.")
+
+
+class LoraSpec(ApiModel):
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r.")
+    alpha: int = Field(32, ge=1, le=4096, description="LoRA alpha (scaling = alpha / rank).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names to adapt; default depends on the architecture "
+        "(attention and MLP projections).",
+    )
+
+
+class EvaluationSpec(ApiModel):
+    max_loss: float | None = Field(
+        None, gt=0, description="Fail the run when the eval loss is above this value."
+    )
+    min_accuracy: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Fail the run when the assistant-token accuracy is below this value.",
+    )
+    max_eval_examples: int | None = Field(
+        None, ge=1, description="Evaluate on at most this many held-out conversations."
+    )
+
+
+class ExportSpec(ApiModel):
+    quantizations: list[Quantization] = Field(
+        default_factory=lambda: ["f16", "q8_0"],
+        min_length=1,
+        max_length=5,
+        description="GGUF files to write; the first one is reported as the model.",
+    )
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$",
+        description="Base name of the exported files (default: the resource name).",
+    )
+
+
+class TrainingParams(ApiModel):
+    """Everything the trainer needs. The seed workflow's inputs come first, with its defaults."""
+
+    training_data: str = Field(
+        ...,
+        min_length=1,
+        description="Chat data (JSONL or JSON array): a path in the image, "
+        "pvc://<claim>/<path>, https://… or s3://bucket/key.",
+    )
+    model_type: str = Field(
+        "gpt",
+        min_length=1,
+        description="Base model: a preset (gpt, llama, qwen2, mistral, smollm, scratch-gpt, "
+        "scratch-llama), a Hugging Face hub id, or a path on a volume.",
+    )
+    training_steps: int = Field(1000, ge=1, le=1_000_000, description="Optimizer steps.")
+    batch_size: int = Field(
+        8, ge=1, le=4096, description="Conversations (or packed sequences) per optimizer step."
+    )
+    learning_rate: float = Field(1e-4, gt=0.0, le=1.0, description="Peak learning rate.")
+
+    max_seq_length: int = Field(
+        512, ge=16, le=131072, description="Tokens per sequence; longer conversations are dropped."
+    )
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Sequences per forward pass; batchSize/microBatchSize gives gradient "
+        "accumulation. Default: chosen from the hardware.",
+    )
+    packing: bool = Field(True, description="Pack several conversations into one sequence.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Warmup steps (default: 3% of trainingSteps)."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Training precision; auto picks bf16 where the GPU supports it."
+    )
+    seed: int = Field(42, ge=0, description="Seed for the data split and training.")
+    checkpoint_every: int = Field(
+        100, ge=1, description="Save a resumable checkpoint every N steps."
+    )
+    log_every: int = Field(10, ge=1, description="Log training metrics every N steps.")
+
+    data: DataSpec = Field(default_factory=DataSpec, description="Data preparation settings.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter settings.")
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="Evaluation and quality thresholds."
+    )
+    export: ExportSpec = Field(default_factory=ExportSpec, description="GGUF export settings.")
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "TrainingParams":
+        problems = [rule.message for rule in CROSS_FIELD_RULES if not rule.holds(self)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def training_params(self) -> "TrainingParams":
+        """The trainer's share of the spec (drops cluster-only fields)."""
+        data = self.model_dump(include=set(TrainingParams.model_fields))
+        return TrainingParams.model_validate(data)
+
+
+# ---------------------------------------------------------------------------- cluster
+
+
+class Toleration(ApiModel):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class ResourceList(ApiModel):
+    cpu: str | None = Field(None, description="CPU quantity, e.g. '4' or '500m'.")
+    memory: str | None = Field(None, description="Memory quantity, e.g. '32Gi'.")
+    ephemeral_storage: str | None = Field(None, alias="ephemeral-storage")
+
+
+class ResourcesSpec(ApiModel):
+    requests: ResourceList | None = None
+    limits: ResourceList | None = None
+
+
+class GpuSpec(ApiModel):
+    count: int = Field(1, ge=0, le=16, description="GPUs for the train and evaluate steps.")
+    resource_name: str = Field(
+        "nvidia.com/gpu",
+        pattern=r"^[A-Za-z0-9.-]+/[A-Za-z0-9._-]+$",
+        description="Extended resource name of the GPU (e.g. nvidia.com/gpu, amd.com/gpu).",
+    )
+
+
+class WorkspaceSpec(ApiModel):
+    existing_claim: str | None = Field(
+        None, description="Use this PersistentVolumeClaim as the shared workspace."
+    )
+    size: str = Field(
+        "20Gi",
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|K|M|G|T|P)?$",
+        description="Size of the workspace claim the operator creates.",
+    )
+    storage_class_name: str | None = Field(
+        None, description="StorageClass of the workspace claim the operator creates."
+    )
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = Field(
+        "ReadWriteOnce", description="Access mode of the workspace claim the operator creates."
+    )
+    reclaim_policy: Literal["Retain", "Delete"] = Field(
+        "Retain",
+        description="On deletion of the ChatbotTraining, keep (Retain) or delete (Delete) the "
+        "workspace claim the operator created. An existing claim is never deleted.",
+    )
+
+
+class StepPolicy(ApiModel):
+    active_deadline_seconds: int | None = Field(
+        None, ge=60, description="Kill the step's Job after this many seconds."
+    )
+    backoff_limit: int | None = Field(
+        None, ge=0, le=20, description="Pod retries before the step fails."
+    )
+
+
+class StepPolicies(ApiModel):
+    prepare: StepPolicy = Field(default_factory=StepPolicy)
+    configure: StepPolicy = Field(default_factory=StepPolicy)
+    train: StepPolicy = Field(default_factory=StepPolicy)
+    evaluate: StepPolicy = Field(default_factory=StepPolicy)
+    export: StepPolicy = Field(default_factory=StepPolicy)
+
+
+DEFAULT_STEP_DEADLINES = {
+    "prepare": 3600,
+    "configure": 1800,
+    "train": 7 * 24 * 3600,
+    "evaluate": 6 * 3600,
+    "export": 6 * 3600,
+}
+DEFAULT_BACKOFF_LIMIT = 2
+
+
+class ChatbotTrainingSpec(TrainingParams):
+    """The full spec of a ChatbotTraining resource."""
+
+    gpu: GpuSpec = Field(default_factory=GpuSpec, description="GPUs for train and evaluate.")
+    resources: ResourcesSpec | None = Field(
+        None, description="CPU/memory requests and limits of the step containers."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the GPU steps must run on."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Tolerations of the GPU steps (e.g. for GPU taints)."
+    )
+    affinity: dict[str, Any] | None = Field(
+        None, description="Pod affinity of the GPU steps (core/v1 Affinity)."
+    )
+    priority_class_name: str | None = Field(None, description="PriorityClass of the step pods.")
+    queue_name: str | None = Field(
+        None, description="Kueue LocalQueue; set as the kueue.x-k8s.io/queue-name label."
+    )
+    image: str | None = Field(None, description="Trainer image (default: the operator's).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets for pulling the trainer image."
+    )
+    service_account_name: str | None = Field(
+        None, description="ServiceAccount of the step pods (e.g. for s3:// access)."
+    )
+    env_from_secret: str | None = Field(
+        None, description="Secret whose keys become environment variables of the steps "
+        "(e.g. AWS_ACCESS_KEY_ID, HF_TOKEN)."
+    )
+    workspace: WorkspaceSpec = Field(
+        default_factory=WorkspaceSpec, description="Shared volume the steps work in."
+    )
+    output_path: str | None = Field(
+        None,
+        pattern=r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*$",
+        description="Where the GGUF files go, as pvc://<claim>/<dir> "
+        "(default: the workspace, under export/).",
+    )
+    steps: StepPolicies = Field(
+        default_factory=StepPolicies, description="Per-step deadlines and retry limits."
+    )
+    suspend: bool = Field(
+        False, description="Stop creating new work and suspend the running Job; false resumes."
+    )
+
+    @model_validator(mode="after")
+    def _cluster_rules(self) -> "ChatbotTrainingSpec":
+        problems = [rule.message for rule in CLUSTER_RULES if not rule.holds(self)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+# ---------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class CrossFieldRule:
+    """One rule over the spec: `cel` for the CRD, `holds` for Python, same intent."""
+
+    cel: str
+    message: str
+    holds: Callable[[Any], bool]
+
+
+def _has(value: Any) -> bool:
+    return value is not None
+
+
+CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(
+        cel="!has(self.microBatchSize) || self.microBatchSize <= self.batchSize",
+        message="microBatchSize must not exceed batchSize",
+        holds=lambda s: not _has(s.micro_batch_size) or s.micro_batch_size <= s.batch_size,
+    ),
+    CrossFieldRule(
+        cel="!has(self.microBatchSize) || self.batchSize % self.microBatchSize == 0",
+        message="batchSize must be a multiple of microBatchSize",
+        holds=lambda s: not _has(s.micro_batch_size) or s.batch_size % s.micro_batch_size == 0,
+    ),
+    CrossFieldRule(
+        cel="!has(self.warmupSteps) || self.warmupSteps < self.trainingSteps",
+        message="warmupSteps must be less than trainingSteps",
+        holds=lambda s: not _has(s.warmup_steps) or s.warmup_steps < s.training_steps,
+    ),
+)
+
+# Rules over the cluster-only part of the spec (not checked by the trainer).
+CLUSTER_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(
+        cel="!has(self.workspace) || !has(self.workspace.existingClaim) "
+        "|| !has(self.workspace.storageClassName)",
+        message="workspace.existingClaim and workspace.storageClassName are mutually exclusive",
+        holds=lambda s: not (s.workspace.existing_claim and s.workspace.storage_class_name),
+    ),
+)
+
+# Fields that cannot change once a run started: changing them mid-run would mix two runs.
+IMMUTABLE_FIELDS: tuple[str, ...] = (
+    "trainingData",
+    "modelType",
+    "trainingSteps",
+    "batchSize",
+    "learningRate",
+    "maxSeqLength",
+    "seed",
+    "data",
+    "lora",
+    "workspace",
+)

@@ -1,0 +1,81 @@
+"""ChatbotTraining status: what the operator reports back.
+
+`metrics` and `model` carry the seed workflow's output JSON (in camelCase), so
+`kubectl get -o jsonpath='{.status.model.path}'` gives the GGUF location.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from chatbot_api.spec import ApiModel, StepName
+
+Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+StepPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]
+PHASES: tuple[str, ...] = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
+
+
+class Condition(ApiModel):
+    """A standard metav1.Condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(..., pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class Metrics(ApiModel):
+    loss: float | None = Field(None, description="Eval loss on held-out conversations.")
+    accuracy: float | None = Field(None, description="Next-token accuracy on assistant tokens.")
+    perplexity: float | None = Field(None, description="exp(eval loss).")
+    train_loss: float | None = Field(None, description="Final training loss.")
+
+
+class ModelFile(ApiModel):
+    path: str
+    quantization: str
+    size_mb: float
+
+
+class ModelOutput(ApiModel):
+    path: str = Field(..., description="Location of the primary GGUF file.")
+    format: str = "gguf"
+    size_mb: float
+    base_model: str | None = Field(None, description="The base model that was fine-tuned.")
+    files: list[ModelFile] = Field(default_factory=list, description="All exported files.")
+    modelfile: str | None = Field(None, description="Location of the Ollama Modelfile.")
+
+
+class StepStatus(ApiModel):
+    phase: StepPhase = "Pending"
+    job_name: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    attempts: int | None = None
+    reason: str | None = None
+    message: str | None = None
+    summary: dict[str, Any] | None = Field(
+        None, description="The step's summary from its termination message."
+    )
+
+
+class ChatbotTrainingStatus(ApiModel):
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    phase: Phase = "Pending"
+    step: StepName | None = Field(None, description="The step running now (or that ended the run).")
+    reason: str | None = Field(None, description="Machine-readable reason for the phase.")
+    message: str | None = Field(None, description="Human-readable explanation, with advice on failure.")
+    observed_generation: int | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    workspace_claim: str | None = Field(None, description="The PVC the steps share.")
+    config_map: str | None = Field(None, description="ConfigMap holding the resolved config.")
+    steps: dict[str, StepStatus] = Field(default_factory=dict)
+    conditions: list[Condition] = Field(default_factory=list)
+    metrics: Metrics | None = None
+    model: ModelOutput | None = None
