@@ -1,0 +1,62 @@
+"""The five steps. Each module `chatbot_trainer.steps.<step>` has `run(ctx) -> dict`.
+
+A step's result dict holds everything worth keeping (written to `<step>/result.json`) and a
+`summary` key: the compact part the operator copies into status (the termination message).
+`run_step` is the one place that writes results, termination messages and turns failures into
+StepErrors, for the Job entry point and the local pipeline alike.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Any
+
+from chatbot_api.spec import STEPS
+
+from chatbot_trainer.errors import OutOfMemory, StepError
+from chatbot_trainer.workspace import StepContext, write_termination_message
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+def run_step(step: str, ctx: StepContext, termination_log: str | None = None) -> dict[str, Any]:
+    if step not in STEPS:
+        raise StepError(f"unknown step {step!r}; steps are: {', '.join(STEPS)}", exit_code=2)
+    module = importlib.import_module(f"chatbot_trainer.steps.{step}")
+    started = time.time()
+    try:
+        try:
+            result = module.run(ctx)
+        except StepError:
+            raise
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                raise OutOfMemory(
+                    f"the {step} step ran out of memory ({type(exc).__name__}): reduce batchSize "
+                    "(or set a smaller microBatchSize) or maxSeqLength, or use a GPU with more memory"
+                ) from exc
+            raise
+    except StepError as exc:
+        write_termination_message(
+            termination_log, {"step": step, "ok": False, "reason": exc.reason, "message": exc.message}
+        )
+        raise
+    except Exception as exc:
+        write_termination_message(
+            termination_log,
+            {"step": step, "ok": False, "reason": "StepFailed", "message": f"{type(exc).__name__}: {exc}"},
+        )
+        raise
+    result = {"step": step, **result, "seconds": round(time.time() - started, 3)}
+    ctx.write_result(step, result)
+    write_termination_message(
+        termination_log,
+        {"step": step, "ok": True, "summary": {**result.get("summary", {}), "seconds": result["seconds"]}},
+    )
+    return result

@@ -1,0 +1,1 @@
+"""Trainer steps for ChatbotTraining: prepare, configure, train, evaluate, export."""

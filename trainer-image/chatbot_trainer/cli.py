@@ -1,0 +1,150 @@
+"""Command lines.
+
+`chatbot-training run`: the whole pipeline locally, with the seed workflow's inputs as flags
+(`--training_data` or `--training-data`), printing the seed's output JSON.
+
+`chatbot-trainer <step>`: one step, as a Kubernetes Job runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from chatbot_api.spec import STEPS
+
+from chatbot_trainer.errors import StepError
+from chatbot_trainer.params import (
+    SEED_INPUTS,
+    read_config_file,
+    set_nested,
+    split_name,
+    trainer_params,
+)
+
+SEED_FLAGS: dict[str, dict[str, Any]] = {
+    "training_data": {"help": "chat data: JSONL/JSON file, pvc://, https:// or s3:// (required)"},
+    "model_type": {"help": "base model: preset (gpt, llama, qwen2, mistral, smollm, scratch-gpt, "
+                   "scratch-llama), hub id or local directory (default: gpt)"},
+    "training_steps": {"type": int, "help": "optimizer steps (default: 1000)"},
+    "batch_size": {"type": int, "help": "conversations per step (default: 8)"},
+    "learning_rate": {"type": float, "help": "peak learning rate (default: 0.0001)"},
+}
+
+
+def _fail(exc: StepError) -> int:
+    print(f"error: {exc.message}", file=sys.stderr)
+    return exc.exit_code
+
+
+def _limit_threads() -> None:
+    """Leave one thread per core to torch; oversubscribed OpenMP threads slow CPU training."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatbot-training",
+        description="Fine-tune a chatbot with LoRA and export it as GGUF, locally.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run prepare → configure → train → evaluate → export")
+    run.add_argument("-f", "--file", help="YAML/JSON settings: the seed's `inputs:` block, a "
+                     "ChatbotTraining manifest or a plain mapping; flags override it")
+    for name, kwargs in SEED_FLAGS.items():
+        run.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, **kwargs)
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="any other setting, e.g. --set lora.rank=8 --set maxSeqLength=256")
+    run.add_argument("--name", help="run name, used for file names (default: from -f or 'chatbot')")
+    run.add_argument("-o", "--output", default="output", help="output directory (default: ./output)")
+    run.add_argument("--workspace", help="step workspace (default: OUTPUT/workspace)")
+    run.add_argument("--resume", action="store_true",
+                     help="reuse finished steps and the latest checkpoint of an earlier run")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
+    return parser
+
+
+def training_main(argv: list[str] | None = None) -> int:
+    _limit_threads()
+    args = build_run_parser().parse_args(argv)
+    try:
+        data: dict[str, Any] = read_config_file(args.file) if args.file else {}
+        file_name, data = split_name(data)
+        for name in SEED_INPUTS:
+            value = getattr(args, name)
+            if value is not None:
+                data[name] = value
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise StepError(f"--set {item!r}: use KEY=VALUE", exit_code=2)
+            set_nested(data, key, value)
+        if "training_data" not in data and "trainingData" not in data:
+            raise StepError("--training_data is required (a JSONL/JSON chat file)", exit_code=2)
+        params = trainer_params(data)
+        name = _safe_name(args.name or file_name or "chatbot")
+        from chatbot_trainer.pipeline import run_pipeline
+
+        log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
+        output, details = run_pipeline(
+            params, name=name, output_dir=Path(args.output),
+            workspace=Path(args.workspace) if args.workspace else None, resume=args.resume,
+            show_progress=not args.quiet and sys.stderr.isatty(), log=log,
+        )
+    except StepError as exc:
+        return _fail(exc)
+    if not args.quiet:
+        print(f"base model: {details['base_model']}; details: {Path(args.output) / 'details.json'}",
+              file=sys.stderr)
+    print(json.dumps(output, indent=2))
+    return 0
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "chatbot"
+
+
+def build_step_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatbot-trainer", description="Run one ChatbotTraining step.")
+    parser.add_argument("step", choices=STEPS)
+    parser.add_argument("--workspace", required=True, help="shared workspace directory")
+    parser.add_argument("--config", required=True, help="TrainingParams as JSON or YAML")
+    parser.add_argument("--output", help="export: directory for the GGUF files (default: WORKSPACE/export)")
+    parser.add_argument("--termination-log", help="where to write the termination message "
+                        "(default: $CHATBOT_TERMINATION_LOG or /dev/termination-log)")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    return parser
+
+
+def trainer_main(argv: list[str] | None = None) -> int:
+    _limit_threads()
+    args = build_step_parser().parse_args(argv)
+    from chatbot_trainer.steps import run_step
+    from chatbot_trainer.workspace import StepContext, write_termination_message
+
+    try:
+        name, data = split_name(read_config_file(args.config))
+        params = trainer_params(data)
+    except StepError as exc:
+        write_termination_message(args.termination_log, {"step": args.step, "ok": False,
+                                                         "reason": exc.reason, "message": exc.message})
+        return _fail(exc)
+    ctx = StepContext(
+        workspace=Path(args.workspace), params=params, name=_safe_name(name or "chatbot"),
+        output_dir=Path(args.output) if args.output else None, show_progress=args.progress,
+    )
+    try:
+        result = run_step(args.step, ctx, termination_log=args.termination_log)
+    except StepError as exc:
+        return _fail(exc)
+    print(json.dumps({"step": args.step, "ok": True, "summary": result.get("summary", {})}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(trainer_main())

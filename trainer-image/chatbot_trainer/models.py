@@ -1,0 +1,297 @@
+"""Base models: presets, hub ids and local paths, and small models built from a config.
+
+`model_type` is resolved in this order: a local directory, a preset name, a hub id.
+A preset names a real hub model; when the hub cannot be used (HF_HUB_OFFLINE=1 and the model
+is not in the local cache) a preset falls back to a small model of the same architecture built
+from a config, with a byte-level BPE tokenizer trained on the training data. The fallback is
+reported in every result, so nobody mistakes it for the hub model.
+
+torch and transformers are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+
+# ChatML, with {% generation %} markers so transformers can mark the assistant tokens (the
+# tokens the loss is computed on). The assistant turn's <|im_end|> is trained too: that is
+# what teaches the model to stop. Exporters strip the markers (other engines do not know them).
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
+    "{%- else %}"
+    "{{- message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ScratchConfig:
+    """A small model built from a config: the offline default for the demo and the tests."""
+
+    architecture: str  # "gpt2" | "llama"
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int  # target size of the BPE tokenizer trained on the data
+
+
+@dataclass(frozen=True)
+class Preset:
+    hub_id: str | None
+    architecture: str
+    scratch: ScratchConfig | None = None
+    description: str = ""
+
+
+SCRATCH_GPT = ScratchConfig("gpt2", 128, 4, 4, 4, 512, 2048)
+SCRATCH_LLAMA = ScratchConfig("llama", 128, 4, 4, 2, 344, 2048)
+TINY_GPT = ScratchConfig("gpt2", 64, 2, 2, 2, 256, 512)
+TINY_LLAMA = ScratchConfig("llama", 64, 2, 4, 2, 176, 512)
+
+PRESETS: dict[str, Preset] = {
+    "gpt": Preset("openai-community/gpt2", "gpt2", SCRATCH_GPT, "GPT-2 (124M)"),
+    "gpt2": Preset("openai-community/gpt2", "gpt2", SCRATCH_GPT, "GPT-2 (124M)"),
+    "llama": Preset("meta-llama/Llama-3.2-1B-Instruct", "llama", SCRATCH_LLAMA, "Llama 3.2 1B Instruct"),
+    "qwen2": Preset("Qwen/Qwen2.5-0.5B-Instruct", "qwen2", SCRATCH_LLAMA, "Qwen2.5 0.5B Instruct"),
+    "mistral": Preset("mistralai/Mistral-7B-Instruct-v0.3", "mistral", SCRATCH_LLAMA, "Mistral 7B Instruct v0.3"),
+    "smollm": Preset("HuggingFaceTB/SmolLM2-135M-Instruct", "llama", SCRATCH_LLAMA, "SmolLM2 135M Instruct"),
+    "scratch-gpt": Preset(None, "gpt2", SCRATCH_GPT, "GPT-2-shaped model built from a config (~1M params)"),
+    "scratch-llama": Preset(None, "llama", SCRATCH_LLAMA, "Llama-shaped model built from a config (~1M params)"),
+    "tiny-gpt": Preset(None, "gpt2", TINY_GPT, "tiny GPT-2-shaped model for tests"),
+    "tiny-llama": Preset(None, "llama", TINY_LLAMA, "tiny Llama-shaped model for tests"),
+}
+
+
+class ModelNotFoundError(Exception):
+    """The base model cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class BaseModelChoice:
+    """What `model_type` resolved to. `source` is hub, local or scratch."""
+
+    requested: str
+    source: str
+    name_or_path: str
+    architecture: str
+    note: str = ""
+    scratch: ScratchConfig | None = None
+
+    @property
+    def label(self) -> str:
+        """One line for results and logs: which base model was fine-tuned."""
+        if self.source == "scratch":
+            return f"{self.name_or_path} (built from a config, random init{'; ' + self.note if self.note else ''})"
+        return self.name_or_path
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["label"] = self.label
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BaseModelChoice":
+        fields = {k: v for k, v in data.items() if k != "label"}
+        if fields.get("scratch"):
+            fields["scratch"] = ScratchConfig(**fields["scratch"])
+        return cls(**fields)
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _in_local_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(found, str)
+
+
+def resolve_base_model(model_type: str) -> BaseModelChoice:
+    """Decide which base model `model_type` means, without loading it."""
+    path = Path(model_type).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{model_type} is a directory without config.json: point modelType at a model "
+                "saved with save_pretrained()"
+            )
+        return BaseModelChoice(model_type, "local", str(path.resolve()), _architecture_of(path))
+    preset = PRESETS.get(model_type.lower())
+    if preset is not None:
+        if preset.hub_id is None:
+            return BaseModelChoice(model_type, "scratch", model_type.lower(), preset.architecture, "", preset.scratch)
+        if hub_offline() and not _in_local_cache(preset.hub_id):
+            note = f"{preset.hub_id} is not in the local cache and HF_HUB_OFFLINE=1"
+            return BaseModelChoice(
+                model_type, "scratch", f"scratch-{preset.architecture}", preset.architecture, note, preset.scratch
+            )
+        return BaseModelChoice(model_type, "hub", preset.hub_id, preset.architecture)
+    if "/" in model_type and not model_type.startswith(("/", ".")):
+        return BaseModelChoice(model_type, "hub", model_type, "unknown")
+    raise ModelNotFoundError(
+        f"unknown modelType {model_type!r}: use a preset ({', '.join(sorted(PRESETS))}), "
+        "a hub id like Qwen/Qwen2.5-0.5B-Instruct, or a directory saved with save_pretrained()"
+    )
+
+
+def _architecture_of(path: Path) -> str:
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    return str(config.get("model_type", "unknown"))
+
+
+# ---------------------------------------------------------------------------- tokenizers
+
+
+def build_scratch_tokenizer(texts: Iterable[str], vocab_size: int = 2048):
+    """Train a byte-level BPE tokenizer (GPT-2 pre-tokenizer) on `texts`, with ChatML tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[ENDOFTEXT, IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=ENDOFTEXT, eos_token=IM_END, pad_token=ENDOFTEXT, unk_token=None
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def ensure_chat_template(tokenizer) -> list[str]:
+    """Give a tokenizer without a chat template ChatML (adding its special tokens).
+
+    Returns the tokens that were added: their embeddings are new and must be trained.
+    """
+    if tokenizer.chat_template:
+        return []
+    missing = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.eos_token = IM_END
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if ENDOFTEXT not in tokenizer.get_vocab() else ENDOFTEXT
+    return missing
+
+
+def conversation_texts(conversations: Iterable[dict[str, Any]]) -> Iterable[str]:
+    """The text a scratch tokenizer is trained on: roles and contents of each conversation."""
+    for conv in conversations:
+        for message in conv["messages"]:
+            yield message["role"] + "\n" + message["content"]
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def build_scratch_model(config: ScratchConfig, tokenizer, max_positions: int = 1024, seed: int = 0):
+    """A randomly initialised causal LM of the given shape, sized to the tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    torch.manual_seed(seed)
+    vocab = len(tokenizer)
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if config.architecture == "gpt2":
+        hf_config = GPT2Config(
+            vocab_size=vocab,
+            n_positions=max_positions,
+            n_embd=config.hidden_size,
+            n_layer=config.num_layers,
+            n_head=config.num_heads,
+            n_inner=config.intermediate_size,
+            tie_word_embeddings=True,
+            **special,
+        )
+    elif config.architecture == "llama":
+        hf_config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_kv_heads,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+            rms_norm_eps=1e-5,
+            **special,
+        )
+    else:
+        raise ModelNotFoundError(f"no scratch config for architecture {config.architecture!r}")
+    model = AutoModelForCausalLM.from_config(hf_config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def materialize_base_model(
+    choice: BaseModelChoice,
+    out_dir: Path,
+    train_conversations: list[dict[str, Any]],
+    max_positions: int,
+    seed: int,
+) -> str:
+    """Make the base model loadable by path or id; returns what to pass to from_pretrained.
+
+    A scratch model is built (tokenizer trained on the training conversations) and saved to
+    `out_dir`; hub and local models are used where they are.
+    """
+    if choice.source != "scratch":
+        return choice.name_or_path
+    assert choice.scratch is not None
+    tokenizer = build_scratch_tokenizer(conversation_texts(train_conversations), choice.scratch.vocab_size)
+    model = build_scratch_model(choice.scratch, tokenizer, max_positions=max(max_positions, 64), seed=seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot load the tokenizer of {name_or_path}: {exc}") from exc
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
+def load_model(name_or_path: str, dtype=None, device: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot load the model {name_or_path}: {exc}") from exc
+    if device:
+        model.to(device)
+    return model
