@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Create .venv with the pinned dependencies (idempotent; re-runs only when the pins change).
+#   scripts/bootstrap.sh           trainer + operator + test dependencies
+#   scripts/bootstrap.sh --llama   also llama-cpp-python (compiled from source, portable CPU
+#                                  build, cached in ~/.cache/chatbot-training/wheels)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+WHEELS=${CHATBOT_WHEEL_CACHE:-$HOME/.cache/chatbot-training/wheels}
+LLAMA_VERSION=$(sed -n 's/^llama-cpp-python==//p' constraints.txt)
+want_llama=0; [ "${1:-}" = "--llama" ] && want_llama=1
+
+stamp_value=$(cat constraints.txt pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "bootstrap: creating $VENV" >&2
+  "$PYTHON" -m venv "$VENV"
+fi
+if [ "$(cat "$VENV/.stamp" 2>/dev/null)" != "$stamp_value" ]; then
+  echo "bootstrap: installing pinned dependencies (torch first)" >&2
+  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$(sed -n 's/^torch==//p' constraints.txt)"
+  grep -v '^llama-cpp-python==' constraints.txt > "$VENV/constraints.txt"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -c "$VENV/constraints.txt" -e ".[trainer,operator,test]"
+  echo "$stamp_value" > "$VENV/.stamp"
+fi
+if [ "$want_llama" = 1 ] && ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+  mkdir -p "$WHEELS"
+  if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
+    echo "bootstrap: compiling llama-cpp-python $LLAMA_VERSION (portable CPU build, ~8 min on 2 cores, cached)" >&2
+    # Portable flags: the native build crashes on quantized files on some CPUs (AMX path).
+    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
+      "$VENV/bin/pip" wheel -q --disable-pip-version-check --no-deps -w "$WHEELS" "llama-cpp-python==$LLAMA_VERSION"
+  fi
+  "$VENV/bin/pip" install -q --disable-pip-version-check -c "$VENV/constraints.txt" "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl
+fi
