@@ -1,0 +1,408 @@
+"""Conversation format detection and conversion."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from chatbot_trainer.formats import (
+    FORMATS,
+    REASONS,
+    FormatError,
+    convert_record,
+    detect_format,
+    normalise_text,
+    to_messages,
+)
+
+
+def msg(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def reason_of(record, fmt: str = "auto") -> str:
+    with pytest.raises(FormatError) as info:
+        convert_record(record, fmt)
+    assert info.value.reason in REASONS
+    return info.value.reason
+
+
+# --------------------------------------------------------------------------- normalise_text
+
+
+class TestNormaliseText:
+    def test_newlines_and_trailing_whitespace(self):
+        assert normalise_text("a  \r\nb\t\rc \n") == "a\nb\nc"
+
+    def test_leading_and_trailing_blank_lines_keep_indentation(self):
+        assert normalise_text("\n \n    indented\n  more\n\n\t\n") == "    indented\n  more"
+
+    def test_nfc(self):
+        decomposed = "Cafe\u0301"
+        assert normalise_text(decomposed) == "Caf\u00e9"
+
+    def test_control_characters_removed_but_tab_and_newline_kept(self):
+        assert normalise_text("a\x00b\x07c\x1bd\x7fe\tf\ng") == "abcde\tf\ng"
+
+    def test_vertical_tab_and_form_feed_removed(self):
+        assert normalise_text("a\x0bb\x0cc") == "abc"
+
+    def test_lone_surrogate_replaced(self):
+        assert normalise_text("x\ud800y") == "x\ufffdy"
+
+    def test_empty_and_whitespace(self):
+        assert normalise_text("") == ""
+        assert normalise_text(" \n\t \r\n") == ""
+
+    def test_plain_text_unchanged(self):
+        text = "Hello, world! Ünïcödé is fine. 你好"
+        assert normalise_text(text) == text
+
+
+# --------------------------------------------------------------------------- detection
+
+
+class TestDetect:
+    @pytest.mark.parametrize(
+        ("record", "expected"),
+        [
+            ({"messages": []}, "messages"),
+            ({"conversations": []}, "sharegpt"),
+            ({"instruction": "i", "output": "o"}, "alpaca"),
+            ({"instruction": "i", "input": "", "output": "o", "system": "s"}, "alpaca"),
+            ({"prompt": "p", "completion": "c"}, "prompt_completion"),
+        ],
+    )
+    def test_detects(self, record, expected):
+        assert detect_format(record) == expected
+        assert expected in FORMATS
+
+    def test_unknown_keys_named(self):
+        with pytest.raises(FormatError) as info:
+            detect_format({"question": "q", "answer": "a"})
+        assert info.value.reason == "unknown_format"
+        assert "answer" in info.value.message and "question" in info.value.message
+
+    def test_non_object(self):
+        assert reason_of(["a", "b"]) == "unknown_format"
+        assert reason_of("text") == "unknown_format"
+
+    def test_empty_object(self):
+        assert reason_of({}) == "empty"
+        assert reason_of({}, "messages") == "empty"
+
+    def test_formats_tuple(self):
+        assert FORMATS == ("messages", "sharegpt", "alpaca", "prompt_completion")
+
+
+# --------------------------------------------------------------------------- messages
+
+
+class TestMessages:
+    def test_basic(self):
+        record = {"messages": [msg("system", "Be nice."), msg("user", "Hi"), msg("assistant", "Hello!")]}
+        conv = convert_record(record)
+        assert conv.format == "messages"
+        assert conv.messages == [msg("system", "Be nice."), msg("user", "Hi"), msg("assistant", "Hello!")]
+        assert conv.trailing_user_dropped == 0
+
+    def test_content_parts_joined_non_text_ignored(self):
+        record = {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Look at this"},
+                        {"type": "image_url", "image_url": {"url": "http://x/y.png"}},
+                        {"type": "text", "text": "what is it?"},
+                    ],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+            ]
+        }
+        assert to_messages(record) == [msg("user", "Look at this\nwhat is it?"), msg("assistant", "A cat.")]
+
+    def test_content_parts_with_bad_text(self):
+        record = {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}
+        assert reason_of(record) == "bad_content"
+
+    @pytest.mark.parametrize("content", [5, {"text": "x"}, True])
+    def test_bad_content_type(self, content):
+        record = {"messages": [msg("user", "q"), {"role": "assistant", "content": content}]}
+        assert reason_of(record) == "bad_content"
+
+    def test_messages_not_a_list(self):
+        assert reason_of({"messages": "hello"}) == "unknown_format"
+
+    def test_message_not_an_object(self):
+        assert reason_of({"messages": ["hello", msg("assistant", "x")]}) == "bad_content"
+
+    @pytest.mark.parametrize("role", ["tool", "function"])
+    def test_tool_roles_rejected_with_reason(self, role):
+        record = {"messages": [msg("user", "q"), msg(role, "{}"), msg("assistant", "a")]}
+        with pytest.raises(FormatError) as info:
+            convert_record(record)
+        assert info.value.reason == "bad_role"
+        assert "not supported" in info.value.message
+
+    def test_tool_calls_rejected(self):
+        record = {
+            "messages": [
+                msg("user", "q"),
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+            ]
+        }
+        assert reason_of(record) == "bad_role"
+
+    def test_unknown_role(self):
+        with pytest.raises(FormatError) as info:
+            convert_record({"messages": [msg("narrator", "x"), msg("assistant", "a")]})
+        assert info.value.reason == "bad_role"
+        assert "narrator" in info.value.message
+
+    def test_missing_role(self):
+        assert reason_of({"messages": [{"content": "x"}, msg("assistant", "a")]}) == "bad_role"
+
+    def test_role_case_and_aliases(self):
+        record = {"messages": [msg("Developer", "S"), msg("USER", "q"), msg("model", "a")]}
+        assert to_messages(record) == [msg("system", "S"), msg("user", "q"), msg("assistant", "a")]
+
+    def test_trailing_user_turns_dropped(self):
+        record = {"messages": [msg("user", "q"), msg("assistant", "a"), msg("user", "more?")]}
+        conv = convert_record(record)
+        assert conv.messages == [msg("user", "q"), msg("assistant", "a")]
+        assert conv.trailing_user_dropped == 1
+
+    def test_only_user_is_no_assistant_turn(self):
+        assert reason_of({"messages": [msg("user", "hello?")]}) == "no_assistant_turn"
+
+    def test_empty_assistant_is_no_assistant_turn(self):
+        assert reason_of({"messages": [msg("user", "q"), msg("assistant", "  \n")]}) == "no_assistant_turn"
+
+    def test_all_empty(self):
+        assert reason_of({"messages": []}) == "empty"
+        assert reason_of({"messages": [msg("user", " "), msg("assistant", "")]}) == "empty"
+
+    def test_null_content_is_empty_turn(self):
+        record = {"messages": [msg("user", "q"), {"role": "assistant", "content": None}, msg("assistant", "a")]}
+        assert to_messages(record) == [msg("user", "q"), msg("assistant", "a")]
+
+    def test_consecutive_same_role_merged(self):
+        record = {"messages": [msg("user", "one"), msg("user", "two"), msg("assistant", "a")]}
+        assert to_messages(record) == [msg("user", "one\n\ntwo"), msg("assistant", "a")]
+
+    def test_empty_turns_removed(self):
+        record = {"messages": [msg("user", "q"), msg("assistant", ""), msg("user", "q2"), msg("assistant", "a")]}
+        assert to_messages(record) == [msg("user", "q\n\nq2"), msg("assistant", "a")]
+
+    def test_leading_system_messages_merged(self):
+        record = {"messages": [msg("system", "A"), msg("system", "B"), msg("user", "q"), msg("assistant", "a")]}
+        assert to_messages(record)[0] == msg("system", "A\n\nB")
+
+    def test_system_in_the_middle_rejected(self):
+        record = {"messages": [msg("user", "q"), msg("system", "S"), msg("assistant", "a")]}
+        with pytest.raises(FormatError) as info:
+            convert_record(record)
+        assert info.value.reason == "bad_role"
+        assert "system" in info.value.message
+
+    def test_empty_system_dropped(self):
+        record = {"messages": [msg("system", "  "), msg("user", "q"), msg("assistant", "a")]}
+        assert to_messages(record) == [msg("user", "q"), msg("assistant", "a")]
+
+    def test_top_level_system_key(self):
+        record = {"system": "S", "messages": [msg("user", "q"), msg("assistant", "a")]}
+        assert to_messages(record)[0] == msg("system", "S")
+
+    def test_text_is_normalised(self):
+        record = {"messages": [msg("user", "q  \r\n"), msg("assistant", "\n\na\x00b  ")]}
+        assert to_messages(record) == [msg("user", "q"), msg("assistant", "ab")]
+
+    def test_assistant_first_allowed(self):
+        record = {"messages": [msg("assistant", "Welcome!"), msg("user", "hi"), msg("assistant", "Hello")]}
+        assert [m["role"] for m in to_messages(record)] == ["assistant", "user", "assistant"]
+
+
+# --------------------------------------------------------------------------- sharegpt
+
+
+class TestShareGPT:
+    @pytest.mark.parametrize(
+        ("speaker", "role"),
+        [
+            ("human", "user"),
+            ("user", "user"),
+            ("gpt", "assistant"),
+            ("assistant", "assistant"),
+            ("chatgpt", "assistant"),
+            ("bing", "assistant"),
+            ("bard", "assistant"),
+        ],
+    )
+    def test_role_mapping(self, speaker, role):
+        other = "gpt" if role == "user" else "human"
+        turns = [{"from": speaker, "value": "x"}, {"from": other, "value": "y"}]
+        if role == "assistant":
+            turns.reverse()
+        messages = to_messages({"conversations": turns})
+        assert {"role": role, "content": "x"} in messages
+
+    def test_system_and_multi_turn(self):
+        record = {
+            "conversations": [
+                {"from": "system", "value": "S"},
+                {"from": "human", "value": "q1"},
+                {"from": "gpt", "value": "a1"},
+                {"from": "human", "value": "q2"},
+                {"from": "gpt", "value": "a2"},
+            ]
+        }
+        conv = convert_record(record)
+        assert conv.format == "sharegpt"
+        assert conv.messages == [
+            msg("system", "S"),
+            msg("user", "q1"),
+            msg("assistant", "a1"),
+            msg("user", "q2"),
+            msg("assistant", "a2"),
+        ]
+
+    def test_trailing_human_dropped(self):
+        record = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}, {"from": "human", "value": "?"}]}
+        conv = convert_record(record)
+        assert conv.messages[-1] == msg("assistant", "a")
+        assert conv.trailing_user_dropped == 1
+
+    def test_role_content_keys_accepted(self):
+        record = {"conversations": [msg("user", "q"), msg("assistant", "a")]}
+        assert to_messages(record) == [msg("user", "q"), msg("assistant", "a")]
+
+    def test_function_call_turn_rejected(self):
+        record = {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"}, {"from": "gpt", "value": "a"}]}
+        assert reason_of(record) == "bad_role"
+
+    def test_unknown_speaker(self):
+        assert reason_of({"conversations": [{"from": "alien", "value": "q"}, {"from": "gpt", "value": "a"}]}) == "bad_role"
+
+    def test_non_string_value(self):
+        assert reason_of({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]}) == "bad_content"
+
+    def test_conversations_not_a_list(self):
+        assert reason_of({"conversations": {"from": "human"}}) == "unknown_format"
+
+
+# --------------------------------------------------------------------------- alpaca
+
+
+class TestAlpaca:
+    def test_instruction_only(self):
+        conv = convert_record({"instruction": "Say hi", "input": "", "output": "Hi"})
+        assert conv.format == "alpaca"
+        assert conv.messages == [msg("user", "Say hi"), msg("assistant", "Hi")]
+
+    def test_instruction_and_input(self):
+        record = {"instruction": "Translate", "input": "Bonjour", "output": "Hello"}
+        assert to_messages(record)[0] == msg("user", "Translate\n\nBonjour")
+
+    def test_missing_input_and_null_input(self):
+        assert to_messages({"instruction": "I", "output": "O"})[0] == msg("user", "I")
+        assert to_messages({"instruction": "I", "input": None, "output": "O"})[0] == msg("user", "I")
+
+    def test_whitespace_input_ignored(self):
+        assert to_messages({"instruction": "I", "input": "  \n", "output": "O"})[0] == msg("user", "I")
+
+    def test_system(self):
+        record = {"system": "S", "instruction": "I", "output": "O"}
+        assert to_messages(record) == [msg("system", "S"), msg("user", "I"), msg("assistant", "O")]
+
+    def test_empty_output(self):
+        assert reason_of({"instruction": "I", "input": "", "output": ""}) == "no_assistant_turn"
+
+    def test_all_empty(self):
+        assert reason_of({"instruction": "", "input": "", "output": ""}) == "empty"
+
+    def test_non_string_output(self):
+        assert reason_of({"instruction": "I", "output": 42}) == "bad_content"
+
+
+# --------------------------------------------------------------------------- prompt/completion
+
+
+class TestPromptCompletion:
+    def test_plain(self):
+        conv = convert_record({"prompt": "Q", "completion": "A"})
+        assert conv.format == "prompt_completion"
+        assert conv.messages == [msg("user", "Q"), msg("assistant", "A")]
+
+    def test_system(self):
+        record = {"system": "S", "prompt": "Q", "completion": "A"}
+        assert to_messages(record) == [msg("system", "S"), msg("user", "Q"), msg("assistant", "A")]
+
+    def test_conversational(self):
+        record = {
+            "prompt": [msg("system", "S"), msg("user", "Q")],
+            "completion": [msg("assistant", "A")],
+        }
+        assert to_messages(record) == [msg("system", "S"), msg("user", "Q"), msg("assistant", "A")]
+
+    def test_conversational_multi_turn_prompt(self):
+        record = {
+            "prompt": [msg("user", "Q1"), msg("assistant", "A1"), msg("user", "Q2")],
+            "completion": [msg("assistant", "A2")],
+        }
+        assert [m["content"] for m in to_messages(record)] == ["Q1", "A1", "Q2", "A2"]
+
+    def test_empty_completion(self):
+        assert reason_of({"prompt": "Q", "completion": ""}) == "no_assistant_turn"
+
+    def test_bad_types(self):
+        assert reason_of({"prompt": 1, "completion": "A"}) == "bad_content"
+
+
+# --------------------------------------------------------------------------- forcing a format
+
+
+class TestForcedFormat:
+    def test_forced_matching(self):
+        assert convert_record({"prompt": "Q", "completion": "A"}, "prompt_completion").format == "prompt_completion"
+
+    @pytest.mark.parametrize("fmt", ["messages", "sharegpt", "alpaca", "prompt_completion"])
+    def test_forced_mismatch_is_unknown_format(self, fmt):
+        records = {
+            "messages": {"conversations": [{"from": "human", "value": "q"}]},
+            "sharegpt": {"messages": [msg("user", "q"), msg("assistant", "a")]},
+            "alpaca": {"prompt": "q", "completion": "a"},
+            "prompt_completion": {"instruction": "q", "output": "a"},
+        }
+        with pytest.raises(FormatError) as info:
+            convert_record(records[fmt], fmt)
+        assert info.value.reason == "unknown_format"
+        assert fmt in info.value.message
+
+    def test_invalid_fmt_name(self):
+        with pytest.raises(ValueError):
+            convert_record({"prompt": "q", "completion": "a"}, "csv")
+
+
+def test_format_error_fields_and_pickle():
+    err = FormatError("bad_role", "role 'x' unknown")
+    assert err.reason == "bad_role" and err.message == "role 'x' unknown"
+    assert "bad_role" in str(err)
+    again = pickle.loads(pickle.dumps(err))
+    assert (again.reason, again.message) == (err.reason, err.message)
+
+
+def test_modules_do_not_import_torch():
+    code = (
+        "import sys, chatbot_trainer.formats, chatbot_trainer.dataset; "
+        "print('torch' in sys.modules)"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.strip() == "False"
