@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from chatbot_api.spec import (
     CATEGORIES,
@@ -83,9 +84,24 @@ def _inline(schema: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
+def _factory_defaults(model: type, schema: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema leaves out `default_factory` defaults; the API server should apply them."""
+    for name, field in model.model_fields.items():
+        prop = schema.get("properties", {}).get(field.alias or name)
+        if prop is None:
+            continue
+        if field.default_factory is not None:
+            value = field.default_factory()
+            prop["default"] = {} if isinstance(value, BaseModel) else value
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            _factory_defaults(annotation, prop)
+    return schema
+
+
 def openapi_schema(model: type) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
-    return _inline(raw, raw.get("$defs", {}))
+    return _factory_defaults(model, _inline(raw, raw.get("$defs", {})))
 
 
 def spec_schema() -> dict[str, Any]:
