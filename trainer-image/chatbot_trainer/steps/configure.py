@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from chatbot_trainer.dataset import load_jsonl
-from chatbot_trainer.errors import InvalidConfig, ModelNotFound, UnsupportedArchitecture
+from chatbot_trainer.errors import InvalidConfig, ModelNotFound
 from chatbot_trainer.models import ModelNotFoundError, materialize_base_model, resolve_base_model
 from chatbot_trainer.workspace import StepContext, write_json_atomic
 
@@ -75,9 +75,25 @@ def _hf_config(name_or_path: str):
     return config
 
 
+def _check_exportable(name_or_path: str) -> str:
+    """Fail now, not after training, when GGUF export cannot handle the model or its tokenizer."""
+    from pathlib import Path
+
+    from chatbot_trainer.gguf_writer import preflight
+
+    local = Path(name_or_path)
+    if not local.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            local = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.jinja", "tokenizer.model"]))
+        except Exception as exc:  # hub errors come in many types; all mean the same here
+            raise ModelNotFound(f"cannot fetch the config and tokenizer of {name_or_path}: {exc}") from exc
+    return preflight(local)
+
+
 def run(ctx: StepContext) -> dict[str, Any]:
     prepared = ctx.read_result("prepare")
-    from chatbot_trainer.gguf_writer import SUPPORTED_ARCHITECTURES
     from chatbot_trainer.training import default_target_modules
 
     params = ctx.params
@@ -93,11 +109,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     )
     hf_config = _hf_config(base_path)
     architecture = (hf_config.architectures or [type(hf_config).__name__])[0]
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitecture(
-            f"{choice.label} is a {architecture}; GGUF export supports "
-            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}: pick a modelType with one of those"
-        )
+    gguf_architecture = _check_exportable(base_path)
 
     hardware = detect_hardware()
     precision = choose_precision(params.precision, hardware)
@@ -112,6 +124,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "base_model": choice.to_dict(),
         "base_model_path": base_path,
         "architecture": architecture,
+        "gguf_architecture": gguf_architecture,
         "hardware": hardware,
         "device": hardware["device"],
         "precision": precision,

@@ -1,0 +1,184 @@
+"""Step 5, export: merge the LoRA adapter into its base model and write GGUF files + a Modelfile.
+
+Reads `train/result.json` (`base_model_path_for_adapter`, `adapter_path`) and
+`configure/result.json` (the base model's label). Writes
+  <workspace>/export/merged/            merged safetensors + tokenizer (with the chat template)
+  <out>/<name>.<quant>.gguf             one per spec.export.quantizations, the first is "the model"
+  <out>/Modelfile                       `ollama create <name> -f Modelfile` imports it
+where <out> is `--output` (ctx.output_dir) or <workspace>/export. Every file is written under a
+temporary name and renamed, so a killed export never leaves a half file under a final name.
+Each GGUF is read back with gguf's reader before the step reports success.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from chatbot_trainer.errors import ModelNotFound, StepError
+from chatbot_trainer.workspace import StepContext
+
+MiB = 1024 * 1024
+
+
+def run(ctx: StepContext) -> dict[str, Any]:
+    from chatbot_trainer import gguf_writer
+
+    trained = ctx.read_result("train")
+    configured = ctx.read_result("configure")
+    base_label = (configured.get("base_model") or {}).get("label") or trained.get("base_model_path_for_adapter")
+    name = ctx.params.export.name or ctx.name
+    quantizations = list(dict.fromkeys(ctx.params.export.quantizations))
+    export_dir = ctx.step_dir("export")
+    out_dir = Path(ctx.output_dir) if ctx.output_dir else export_dir
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StepError(f"cannot create the output directory {out_dir}: {exc}", exit_code=2) from exc
+    _remove_stale_temporaries(out_dir, name)
+
+    merged_dir = export_dir / "merged"
+    _remove_stale_merges(export_dir)
+    merge_note = merge_adapter(trained, merged_dir)
+
+    files: list[dict[str, Any]] = []
+    written: list[gguf_writer.GGUFFile] = []
+    for quant in quantizations:
+        target = out_dir / f"{name}.{quant}.gguf"
+        try:
+            info = gguf_writer.write_gguf(
+                merged_dir, target, quant, name=name, base_model=base_label, finetune="lora-chat"
+            )
+        except StepError:
+            raise
+        except OSError as exc:
+            raise StepError(f"writing {target} failed: {exc} (is the volume full or read-only?)") from exc
+        except (ValueError, NotImplementedError) as exc:
+            raise StepError(f"writing {target.name} failed: {exc}") from exc
+        vocab_size = int(gguf_writer.load_config(merged_dir).get("vocab_size") or 0) or None
+        gguf_writer.verify_gguf(info.path, arch=info.arch, tensor_count=info.tensor_count, vocab_size=vocab_size)
+        written.append(info)
+        files.append(
+            {
+                "path": str(info.path),
+                "quantization": quant,
+                "size_mb": round(info.size_bytes / MiB, 3),
+                "tensor_types": info.tensor_types,
+                "f16_fallbacks": info.fallbacks,
+                "tokenizer_pre": info.tokenizer_pre,
+                "notes": info.notes,
+            }
+        )
+
+    modelfile_path = out_dir / "Modelfile"
+    _write_modelfile(modelfile_path, merged_dir, Path(files[0]["path"]).name, ctx.params.data.system_prompt)
+
+    first = files[0]
+    return {
+        "name": name,
+        "merged_path": str(merged_dir),
+        "merge": merge_note,
+        "base_model": base_label,
+        "arch": written[0].arch,
+        "files": files,
+        "modelfile": str(modelfile_path),
+        "summary": {
+            "model": {
+                "path": first["path"],
+                "format": "gguf",
+                "size_mb": first["size_mb"],
+                "base_model": base_label,
+                "files": [{k: f[k] for k in ("path", "quantization", "size_mb")} for f in files],
+                "modelfile": str(modelfile_path),
+            }
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- merge
+
+
+def merge_adapter(trained: dict[str, Any], merged_dir: Path) -> str:
+    """Load base + adapter (as the train step left them), merge, and save safetensors + tokenizer
+    to `merged_dir`, replacing it whole."""
+    from chatbot_trainer.training import load_trained_model
+
+    base_path, adapter_path = trained.get("base_model_path_for_adapter"), trained.get("adapter_path")
+    if not base_path or not (Path(base_path) / "config.json").is_file():
+        raise ModelNotFound(
+            f"the base model {base_path!r} named in train/result.json is missing: run the train step again"
+        )
+    if not adapter_path or not (Path(adapter_path) / "adapter_config.json").is_file():
+        raise ModelNotFound(
+            f"the LoRA adapter {adapter_path!r} named in train/result.json is missing: run the train step again"
+        )
+    from chatbot_trainer import gguf_writer
+
+    has_tokenizer = (Path(adapter_path) / "tokenizer.json").is_file() or (Path(adapter_path) / "tokenizer.model").is_file()
+    gguf_writer.preflight(base_path, adapter_path if has_tokenizer else base_path)
+    try:
+        model, tokenizer = load_trained_model(trained, merge=True)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise StepError(
+            f"cannot merge the adapter {adapter_path} into {base_path}: {exc}; the adapter and base model do not match"
+        ) from exc
+    merged_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=merged_dir.parent, prefix=f".{merged_dir.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        gguf_writer.apply_default_mode(tmp)
+        if merged_dir.exists():
+            shutil.rmtree(merged_dir)
+        os.replace(tmp, merged_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return f"adapter {adapter_path} merged into {base_path}"
+
+
+# ---------------------------------------------------------------------------- Modelfile
+
+
+def _write_modelfile(path: Path, merged_dir: Path, gguf_name: str, system_prompt: str | None) -> None:
+    from chatbot_trainer import gguf_writer, modelfile
+
+    config = gguf_writer.load_config(merged_dir)
+    vocab = gguf_writer.read_vocab(merged_dir, config)
+    eos = vocab.tokens[vocab.eos_id] if vocab.eos_id is not None else None
+    end_of_turn = [t for t in gguf_writer.END_OF_TURN_TOKENS if t in set(vocab.tokens) and t != "<|endoftext|>"]
+    context = config.get("max_position_embeddings") or config.get("n_positions")
+    try:
+        text = modelfile.render_modelfile(
+            gguf_name,
+            chat_template=vocab.chat_template,
+            stops=modelfile.stop_tokens(vocab.chat_template, eos, end_of_turn),
+            system_prompt=system_prompt,
+            num_ctx=context,
+        )
+    except ValueError as exc:
+        raise StepError(str(exc), reason="InvalidConfig", exit_code=2) from exc
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        gguf_writer.apply_default_mode(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _remove_stale_temporaries(out_dir: Path, name: str) -> None:
+    """Temporaries of an export that was killed mid-write (never a finished file)."""
+    for stale in list(out_dir.glob(f".{name}.*.gguf.*.tmp")) + list(out_dir.glob(".Modelfile.*.tmp")):
+        stale.unlink(missing_ok=True)
+
+
+def _remove_stale_merges(export_dir: Path) -> None:
+    for stale in export_dir.glob(".merged.*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
