@@ -1,0 +1,40 @@
+{{/*
+The operator's permissions: a copy of chatbot_operator.rbac.RBAC_RULES (see that module for
+what each rule is for). The chart follows the code: tests/deploy/test_helm_chart.py fails when
+the two differ.
+*/}}
+{{- define "chatbot-training.rbacRules" -}}
+- apiGroups: ["chatbot.dev"]
+  resources: ["chatbottrainings"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["chatbot.dev"]
+  resources: ["chatbottrainings/status"]
+  verbs: ["get", "patch"]
+- apiGroups: ["chatbot.dev"]
+  resources: ["chatbottrainings/finalizers"]
+  verbs: ["update"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["create", "list", "watch", "patch"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["create"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["create", "get", "patch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings", "kopfpeerings"]
+  verbs: ["list", "watch", "patch"]
+{{- end }}
