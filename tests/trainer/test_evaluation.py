@@ -1,0 +1,217 @@
+"""Evaluation: loss/accuracy on assistant tokens, packing-invariant, thresholds, the evaluate step."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)
+
+from chatbot_api.spec import TrainingParams  # noqa: E402
+from chatbot_trainer import evaluation  # noqa: E402
+from chatbot_trainer.errors import QualityThresholdNotMet  # noqa: E402
+from chatbot_trainer.evaluation import evaluate_model  # noqa: E402
+from chatbot_trainer.models import (  # noqa: E402
+    TINY_GPT,
+    TINY_LLAMA,
+    build_scratch_model,
+    build_scratch_tokenizer,
+    conversation_texts,
+    materialize_base_model,
+    resolve_base_model,
+)
+from chatbot_trainer.tokenization import tokenize_dataset  # noqa: E402
+from chatbot_trainer.workspace import StepContext  # noqa: E402
+
+
+def conversations(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    words = "red green blue cyan magenta yellow black white".split()
+    out = []
+    for _ in range(n):
+        picked = rng.sample(words, rng.randint(1, 6))
+        turns = [
+            {"role": "user", "content": "repeat " + " ".join(picked)},
+            {"role": "assistant", "content": " ".join(picked)},
+        ]
+        if rng.random() < 0.4:
+            turns += [{"role": "user", "content": "again"}, {"role": "assistant", "content": " ".join(picked)}]
+        out.append({"messages": turns})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_scratch_tokenizer(conversation_texts(conversations(100, 0)), vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer):
+    kept, _ = tokenize_dataset(tokenizer, conversations(40, 1), 96)
+    return kept
+
+
+@pytest.mark.parametrize("config", [TINY_GPT, TINY_LLAMA], ids=["gpt2", "llama"])
+def test_eval_loss_is_the_same_packed_or_not(tokenizer, examples, config):
+    model = build_scratch_model(config, tokenizer, max_positions=128, seed=1).eval()
+    settings = dict(micro_batch_size=4, max_seq_length=96)
+    unpacked = evaluate_model(model, examples, packing=False, **settings)
+    results = {
+        mode: evaluate_model(model, examples, packing=True, attention_mode=mode, **settings)
+        for mode in ("segments", "position_ids", "4d")
+    }
+    results["auto"] = evaluate_model(model, examples, packing=True, **settings)
+    label_tokens = sum(int((e["labels"] != -100).sum()) for e in examples)
+    assert unpacked["tokens"] == label_tokens  # every assistant token counts once
+    for result in results.values():
+        assert result["tokens"] == label_tokens
+        assert result["loss"] == pytest.approx(unpacked["loss"], abs=1e-5)
+        assert result["accuracy"] == pytest.approx(unpacked["accuracy"], abs=1e-9)
+        assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    assert model.config._attn_implementation == "sdpa"  # evaluation leaves the model as it was
+
+
+def test_loss_is_the_token_mean_cross_entropy(tokenizer, examples):
+    """Reference: plain forward per example, mean over all assistant tokens of the set."""
+    model = build_scratch_model(TINY_LLAMA, tokenizer, max_positions=128, seed=2).eval()
+    total, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for e in examples[:10]:
+            ids = torch.tensor(e["input_ids"], dtype=torch.long)[None]
+            labels = torch.tensor(e["labels"], dtype=torch.long)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+            target = labels[1:]
+            keep = target != -100
+            total += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+            correct += int((logits[keep].argmax(-1) == target[keep]).sum())
+            count += int(keep.sum())
+    result = evaluate_model(model, examples[:10], micro_batch_size=3, max_seq_length=96, packing=True)
+    assert result["loss"] == pytest.approx(total / count, abs=1e-5)
+    assert result["accuracy"] == pytest.approx(correct / count)
+
+
+def test_logits_are_computed_in_chunks_and_never_kept(tokenizer, examples, monkeypatch):
+    """The output layer sees at most a chunk of label positions at a time; only sums survive."""
+    model = build_scratch_model(TINY_GPT, tokenizer, max_positions=128, seed=3).eval()
+    reference = evaluate_model(model, examples, micro_batch_size=8, max_seq_length=96, packing=True)
+    vocab = model.config.vocab_size
+    monkeypatch.setattr(evaluation, "LOGITS_PER_CHUNK", 7 * vocab)  # 7 positions per chunk
+    rows: list[int] = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
+    try:
+        chunked = evaluate_model(model, examples, micro_batch_size=8, max_seq_length=96, packing=True)
+    finally:
+        hook.remove()
+    assert max(rows) <= 7 and sum(rows) == reference["tokens"]
+    assert chunked["loss"] == pytest.approx(reference["loss"], abs=1e-6)
+    assert chunked["accuracy"] == reference["accuracy"]
+    assert set(chunked) == {"loss", "accuracy", "perplexity", "tokens", "examples"}
+
+
+# ---------------------------------------------------------------------------- the step
+
+
+def make_workspace(root: Path, *, eval_rows: int = 24, **params) -> StepContext:
+    """A workspace after prepare/configure (tiny scratch model), then the train step."""
+    from chatbot_trainer.training import train
+
+    (root / "prepare").mkdir(parents=True)
+    train_rows, held_out = conversations(120, 3), conversations(eval_rows, 4)
+    for name, rows in (("train", train_rows), ("eval", held_out)):
+        (root / "prepare" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = dict(
+        training_data="data.jsonl", model_type="tiny-llama", training_steps=20, batch_size=8,
+        micro_batch_size=4, learning_rate=3e-3, max_seq_length=96, warmup_steps=2, log_every=5,
+        checkpoint_every=100, seed=0,
+    )
+    settings.update(params)
+    tp = TrainingParams(**settings)
+    choice = resolve_base_model("tiny-llama")
+    base_dir = root / "configure" / "base-model"
+    materialize_base_model(choice, base_dir, train_rows, 96, 0)
+    ctx = StepContext(workspace=root, params=tp)
+    ctx.write_result(
+        "configure",
+        {
+            "base_model": choice.to_dict(), "base_model_path": str(base_dir), "device": "cpu",
+            "precision": "fp32", "micro_batch_size": 4, "gradient_accumulation_steps": 2,
+            "warmup_steps": 2, "target_modules": None, "train_base_weights": True, "params": tp.to_api(),
+        },
+    )
+    ctx.write_result("train", train(ctx))
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("evaluate"))
+
+
+def with_params(ctx: StepContext, **changes) -> StepContext:
+    data = ctx.params.model_dump()
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            data[section] = {**data[section], field: value}
+        else:
+            data[key] = value
+    return StepContext(workspace=ctx.workspace, params=TrainingParams(**data))
+
+
+def test_evaluate_step_reports_before_and_after(trained, tmp_path, monkeypatch):
+    from chatbot_trainer.steps import run_step
+
+    monkeypatch.setenv("CHATBOT_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    result = run_step("evaluate", trained)
+    assert result["eval_split"] == "eval" and result["passed"] is True
+    metrics, base = result["metrics"], result["base_metrics"]
+    assert set(metrics) == set(base) == {"loss", "accuracy", "perplexity"}
+    assert metrics["loss"] < base["loss"] - 1.0 and metrics["accuracy"] > base["accuracy"]
+    assert result["summary"] == {"metrics": metrics, "base_metrics": base}
+    saved = json.loads((trained.workspace / "evaluate" / "metrics.json").read_text())
+    assert saved["metrics"] == metrics and saved["eval_examples"] == 24
+    message = json.loads((tmp_path / "termination-log").read_text())
+    assert message["ok"] and message["summary"]["metrics"] == metrics
+
+    limited = run_step("evaluate", with_params(trained, evaluation__max_eval_examples=5))
+    assert limited["eval_examples"] == 5
+
+
+def test_thresholds_fail_the_step_after_writing_metrics(trained):
+    from chatbot_trainer.steps.evaluate import run
+
+    metrics_file = trained.workspace / "evaluate" / "metrics.json"
+    metrics_file.unlink(missing_ok=True)
+    with pytest.raises(QualityThresholdNotMet) as info:
+        run(with_params(trained, evaluation__max_loss=0.01))
+    assert "evaluation.maxLoss 0.01" in info.value.message and "eval loss" in info.value.message
+    assert info.value.exit_code == 3
+    saved = json.loads(metrics_file.read_text())
+    assert saved["passed"] is False and saved["metrics"]["loss"] > 0.01
+
+    with pytest.raises(QualityThresholdNotMet) as info:
+        run(with_params(trained, evaluation__min_accuracy=1.0))
+    assert "evaluation.minAccuracy 1" in info.value.message
+
+    passed = run(with_params(trained, evaluation__max_loss=50.0, evaluation__min_accuracy=0.0))
+    assert passed["passed"] is True
+
+
+def test_empty_eval_split_uses_a_training_sample(tmp_path):
+    from chatbot_trainer.steps.evaluate import run
+
+    ctx = make_workspace(tmp_path, eval_rows=0, training_steps=4)
+    result = run(ctx)
+    assert result["eval_split"] == "train-sample"
+    assert result["eval_examples"] == 120

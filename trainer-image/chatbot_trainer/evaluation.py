@@ -1,0 +1,180 @@
+"""Loss and token accuracy on the assistant's tokens.
+
+``token_loss_sums`` is the one loss computation, shared by training and evaluation: run the
+decoder, keep the hidden states of the positions that predict an assistant token
+(``Batch.loss_index``), apply the output layer to those only (in chunks when the vocabulary
+is big) and return per-batch sums. Logits of the prompt tokens are never computed and logits
+are never accumulated across batches.
+
+For architectures whose causal-LM head does more than a linear layer (logit soft-capping,
+scaling, …) the full model forward is used instead and its logits are indexed the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from chatbot_trainer.packing import (
+    Batch,
+    attn_implementation,
+    build_sequences,
+    choose_attention_mode,
+    micro_batches,
+    model_inputs,
+    register_segments_attention,
+    set_attn_implementation,
+)
+
+# Causal-LM heads that are exactly `lm_head(final_hidden_state)`.
+LINEAR_HEAD_ARCHITECTURES = frozenset(
+    {"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "starcoder2", "olmo", "olmo2", "smollm3"}
+)
+
+LOGITS_PER_CHUNK = 1 << 24  # chunk size (tokens × vocabulary) for the output layer in evaluation
+
+
+def _base_of(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def compute_dtype(model):
+    """The dtype activations run in (autocast dtype when autocast is on)."""
+    import torch
+
+    for device_type in ("cuda", "cpu"):
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def token_loss_sums(
+    model,
+    batch: Batch,
+    *,
+    attention_mode: str = "position_ids",
+    chunk_tokens: int | None = None,
+    with_accuracy: bool = False,
+):
+    """Sum of cross-entropy over the batch's label tokens, and (optionally) the number of
+    correct argmax predictions, as 0-d tensors on the model's device (no host sync).
+
+    ``chunk_tokens`` bounds how many label positions go through the output layer at once
+    (None: all at once, which is what training wants for a single backward graph).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    base = _base_of(model)
+    inputs = model_inputs(
+        batch,
+        attention_mode,
+        attn_implementation=getattr(base.config, "_attn_implementation", None) or "sdpa",
+        dtype=compute_dtype(model),
+    )
+    targets = batch.loss_targets
+    if base.config.model_type in LINEAR_HEAD_ARCHITECTURES:
+        out = base.get_decoder()(**inputs)
+        hidden = out.last_hidden_state
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.loss_index)
+        head = base.get_output_embeddings()
+    else:
+        logits = base(**inputs).logits
+        selected = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.loss_index)
+        head = None
+
+    total = targets.shape[0]
+    step = total if not chunk_tokens else max(1, chunk_tokens)
+    loss_sum = None
+    correct = None
+    for start in range(0, max(total, 1), max(step, 1)):
+        part = selected[start : start + step]
+        logits = (head(part) if head is not None else part).float()
+        part_targets = targets[start : start + step]
+        ce = F.cross_entropy(logits, part_targets, reduction="sum")
+        loss_sum = ce if loss_sum is None else loss_sum + ce
+        if with_accuracy:
+            hits = (logits.argmax(dim=-1) == part_targets).sum()
+            correct = hits if correct is None else correct + hits
+    if with_accuracy:
+        return loss_sum, correct
+    return loss_sum
+
+
+def evaluate_model(
+    model,
+    examples: Sequence[dict[str, Any]],
+    *,
+    micro_batch_size: int,
+    max_seq_length: int,
+    packing: bool,
+    device: str | None = None,
+    attention_mode: str | None = None,
+    pad_token_id: int | None = None,
+) -> dict[str, Any]:
+    """Loss, token accuracy and perplexity over the assistant tokens of ``examples``.
+
+    loss = sum of token cross-entropies / number of assistant tokens (the same whether the
+    examples are packed or not); accuracy = share of assistant tokens whose argmax prediction
+    is the label (token-weighted across the whole set); perplexity = exp(loss).
+    """
+    import torch
+
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    base = _base_of(model)
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+    if pad_token_id is None:
+        pad_token_id = getattr(base.config, "pad_token_id", None)
+    original_attention = attn_implementation(model)
+    if packing and attention_mode is None:
+        attention_mode = choose_attention_mode(model)
+    elif packing and attention_mode == "segments":
+        set_attn_implementation(model, register_segments_attention())
+    if not packing:
+        # Similar lengths side by side: less padding, same result.
+        examples = sorted(examples, key=lambda e: len(e["input_ids"]))
+    sequences = build_sequences(examples, max_seq_length, packing)
+    vocab = int(getattr(base.config, "vocab_size", 0) or 32000)
+    chunk_tokens = max(1, LOGITS_PER_CHUNK // vocab)
+
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    tokens = 0
+    try:
+        with torch.inference_mode():
+            for batch in micro_batches(sequences, micro_batch_size, pad_token_id=pad_token_id, packed=packing):
+                if batch.num_label_tokens == 0:
+                    continue
+                batch = batch.to(device, non_blocking=True)
+                ce, hits = token_loss_sums(
+                    model,
+                    batch,
+                    attention_mode=attention_mode or "position_ids",
+                    chunk_tokens=chunk_tokens,
+                    with_accuracy=True,
+                )
+                loss_sum += ce.double()
+                correct += hits
+                tokens += batch.num_label_tokens
+    finally:
+        model.train(was_training)
+        if attn_implementation(model) != original_attention:
+            set_attn_implementation(model, original_attention)
+    if tokens == 0:
+        raise ValueError("the examples have no assistant tokens to evaluate")
+    loss = loss_sum.item() / tokens
+    return {
+        "loss": loss,
+        "accuracy": correct.item() / tokens,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "tokens": tokens,
+        "examples": len(examples),
+    }

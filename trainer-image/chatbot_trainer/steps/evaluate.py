@@ -1,0 +1,147 @@
+"""Step 4, evaluate: loss, token accuracy and perplexity on the held-out conversations.
+
+The fine-tuned model and the base model (before fine-tuning) are evaluated on the same
+tokenized examples, so the result shows before → after. ``evaluate/metrics.json`` is written
+before the quality thresholds (``evaluation.maxLoss``, ``evaluation.minAccuracy``) are checked,
+so a failed run still shows what it reached. With an empty eval split (tiny data sets, or
+``data.evalFraction: 0``) a deterministic sample of the training split is used and the result
+says so (``"eval_split": "train-sample"``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chatbot_trainer.errors import InvalidConfig, InvalidData, QualityThresholdNotMet
+from chatbot_trainer.workspace import StepContext, write_json_atomic
+
+TRAIN_SAMPLE_SIZE = 256  # conversations evaluated when there is no eval split
+
+
+def _load(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    from chatbot_trainer.dataset import load_jsonl
+
+    return load_jsonl(path)
+
+
+def _eval_conversations(ctx: StepContext) -> tuple[list[dict[str, Any]], str]:
+    limit = ctx.params.evaluation.max_eval_examples
+    conversations = _load(ctx.workspace / "prepare" / "eval.jsonl")
+    if conversations:
+        return conversations[:limit] if limit else conversations, "eval"
+    sample, split = _train_sample(ctx)
+    if not sample:
+        raise InvalidData("prepare/eval.jsonl and prepare/train.jsonl are empty: run the prepare step first")
+    return sample, split
+
+
+def _train_sample(ctx: StepContext) -> tuple[list[dict[str, Any]], str]:
+    """A deterministic sample of the training split, for when there is no eval split."""
+    train = _load(ctx.workspace / "prepare" / "train.jsonl")
+    size = min(len(train), ctx.params.evaluation.max_eval_examples or TRAIN_SAMPLE_SIZE)
+    if size == 0:
+        return [], "train-sample"
+    chosen = np.sort(np.random.default_rng(ctx.params.seed).choice(len(train), size=size, replace=False))
+    return [train[int(i)] for i in chosen], "train-sample"
+
+
+def _rounded(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: round(float(metrics[k]), 6) for k in ("loss", "accuracy", "perplexity")}
+
+
+def check_thresholds(metrics: dict[str, float], evaluation) -> list[str]:
+    """One message per threshold the metrics miss (empty when all pass)."""
+    problems = []
+    if evaluation.max_loss is not None and metrics["loss"] > evaluation.max_loss:
+        problems.append(
+            f"eval loss {metrics['loss']:.4g} is above evaluation.maxLoss {evaluation.max_loss:g}: "
+            "train longer (trainingSteps), raise learningRate or check the data"
+        )
+    if evaluation.min_accuracy is not None and metrics["accuracy"] < evaluation.min_accuracy:
+        problems.append(
+            f"eval token accuracy {metrics['accuracy']:.4g} is below evaluation.minAccuracy "
+            f"{evaluation.min_accuracy:g}: train longer (trainingSteps), raise learningRate or check the data"
+        )
+    return problems
+
+
+def run(ctx: StepContext) -> dict[str, Any]:
+    import torch
+
+    from chatbot_trainer.evaluation import evaluate_model
+    from chatbot_trainer.tokenization import tokenize_dataset
+    from chatbot_trainer.training import load_base_model, load_trained_model
+
+    params = ctx.params
+    out = ctx.step_dir("evaluate")
+    if not ctx.show_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    configure = ctx.read_result("configure")
+    trained = ctx.read_result("train")
+    device = configure.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        device = "cpu"
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(configure.get("precision"))
+    dtype = half if device == "cuda" else None
+    micro = int(configure.get("micro_batch_size") or params.micro_batch_size or params.batch_size)
+
+    model, tokenizer = load_trained_model(trained, merge=True, device=device, dtype=dtype)
+    conversations, split = _eval_conversations(ctx)
+    examples, tokenization = tokenize_dataset(tokenizer, conversations, params.max_seq_length)
+    if not examples and split == "eval":
+        note = f"no eval conversation fits maxSeqLength {params.max_seq_length}"
+        train_sample, split = _train_sample(ctx)
+        examples, tokenization = tokenize_dataset(tokenizer, train_sample, params.max_seq_length)
+        tokenization["note"] = note
+    if not examples:
+        raise InvalidData(
+            f"no conversation to evaluate fits maxSeqLength {params.max_seq_length} with assistant tokens "
+            f"({tokenization}): raise maxSeqLength or check the data"
+        )
+
+    settings = dict(
+        micro_batch_size=micro,
+        max_seq_length=params.max_seq_length,
+        packing=params.packing,
+        device=device,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    try:
+        metrics = evaluate_model(model, examples, **settings)
+        del model
+        base_model = load_base_model(trained, device=device, dtype=dtype)
+        base_metrics = evaluate_model(base_model, examples, **settings)
+        del base_model
+    except ValueError as exc:  # e.g. a model that cannot keep packed examples apart
+        raise InvalidConfig(str(exc)) from exc
+
+    report = {
+        "metrics": _rounded(metrics),
+        "base_metrics": _rounded(base_metrics),
+        "eval_split": split,
+        "eval_examples": len(examples),
+        "eval_tokens": metrics["tokens"],
+        "tokenization": tokenization,
+        "thresholds": {
+            "max_loss": params.evaluation.max_loss,
+            "min_accuracy": params.evaluation.min_accuracy,
+        },
+    }
+    problems = check_thresholds(metrics, params.evaluation)
+    report["passed"] = not problems
+    write_json_atomic(out / "metrics.json", report)
+    if problems:
+        raise QualityThresholdNotMet("; ".join(problems))
+    return {
+        **report,
+        "metrics_path": str(out / "metrics.json"),
+        "summary": {"metrics": report["metrics"], "base_metrics": report["base_metrics"]},
+    }
+

@@ -1,0 +1,13 @@
+"""The train step: LoRA fine-tuning (see chatbot_trainer.training for the loop)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chatbot_trainer.workspace import StepContext
+
+
+def run(ctx: StepContext) -> dict[str, Any]:
+    from chatbot_trainer.training import train
+
+    return train(ctx)

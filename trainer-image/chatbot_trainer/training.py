@@ -1,0 +1,704 @@
+"""The train step: LoRA fine-tuning on the assistant tokens, resumable after preemption.
+
+Reads top to bottom like the loop it runs:
+
+1. resolve the plan from ``configure/result.json`` (device, precision, micro-batches, …);
+2. seed; load the tokenizer and the base model (sdpa attention);
+3. tokenize ``prepare/train.jsonl`` and build packed (or padded) sequences;
+4. wrap the model with a LoRA adapter (new special tokens trained too; every base weight
+   trained as well when the base was built from a config, because its weights are random);
+5. AdamW + warmup/decay schedule; resume from the latest complete checkpoint;
+6. for exactly ``training_steps`` optimizer steps: micro-batches × gradient accumulation,
+   loss = sum of token losses / assistant tokens in the whole step, clip, step; log every
+   ``log_every`` steps to ``train/metrics.jsonl``; checkpoint every ``checkpoint_every``;
+7. save ``train/adapter/`` (and ``train/base/`` when base weights changed or tokens were added).
+
+The host only waits for the device at log and checkpoint steps (``.item()`` nowhere else).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chatbot_trainer.errors import InvalidConfig, InvalidData, ModelNotFound
+from chatbot_trainer.evaluation import token_loss_sums
+from chatbot_trainer.packing import (
+    build_sequences,
+    choose_attention_mode,
+    collate,
+    packing_stats,
+    restore_attention,
+)
+from chatbot_trainer.tokenization import tokenize_dataset
+from chatbot_trainer.workspace import StepContext, write_json_atomic
+
+log = logging.getLogger("chatbot_trainer.train")
+
+KEEP_CHECKPOINTS = 2
+LLAMA_LIKE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    **{arch: LLAMA_LIKE_TARGETS for arch in ("llama", "mistral", "qwen2", "qwen3", "smollm3")},
+}
+ALL_LINEAR = "all-linear"
+
+
+# ---------------------------------------------------------------------------- model choices
+
+
+def default_target_modules(model_or_arch: Any) -> list[str]:
+    """LoRA target modules: attention and MLP projections of known architectures.
+
+    For other architectures: the names of all linear layers except the output layer, when a
+    model is given, or ``["all-linear"]`` (peft's equivalent) when only a name is known.
+    """
+    arch = model_or_arch if isinstance(model_or_arch, str) else getattr(model_or_arch.config, "model_type", "")
+    if arch in DEFAULT_TARGETS:
+        return list(DEFAULT_TARGETS[arch])
+    if isinstance(model_or_arch, str):
+        return [ALL_LINEAR]
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    output = model_or_arch.get_output_embeddings()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model_or_arch.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output
+    }
+    return sorted(names) or [ALL_LINEAR]
+
+
+@dataclass
+class TrainPlan:
+    """What configure decided, with defaults for anything it left out."""
+
+    base_model_path: str
+    architecture: str
+    device: str
+    precision: str  # fp32 | bf16 | fp16
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    warmup_steps: int
+    target_modules: list[str] | None
+    train_base_weights: bool
+
+    @classmethod
+    def from_configure(cls, configure: dict[str, Any], params) -> "TrainPlan":
+        base = configure.get("base_model") or {}
+        micro = int(configure.get("micro_batch_size") or params.micro_batch_size or params.batch_size)
+        micro = max(1, min(micro, params.batch_size))
+        accumulation = int(configure.get("gradient_accumulation_steps") or max(1, params.batch_size // micro))
+        warmup = configure.get("warmup_steps")
+        if warmup is None:
+            warmup = params.warmup_steps if params.warmup_steps is not None else math.ceil(0.03 * params.training_steps)
+        device = configure.get("device") or _default_device()
+        precision = configure.get("precision") or "fp32"
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise InvalidConfig(f"configure chose precision {precision!r}; expected fp32, bf16 or fp16")
+        path = configure.get("base_model_path") or base.get("name_or_path")
+        if not path:
+            raise InvalidConfig("configure/result.json has no base_model_path: run the configure step again")
+        return cls(
+            base_model_path=str(path),
+            architecture=str(base.get("architecture") or "unknown"),
+            device=device,
+            precision=precision,
+            micro_batch_size=micro,
+            gradient_accumulation_steps=accumulation,
+            warmup_steps=int(warmup),
+            target_modules=_as_list(configure.get("target_modules") or params.lora.target_modules),
+            train_base_weights=bool(configure.get("train_base_weights", base.get("source") == "scratch")),
+        )
+
+
+def _as_list(value: Any) -> list[str] | None:
+    if not value:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def load_tokenizer_with_template(path: str):
+    """The tokenizer at ``path`` with a chat template; returns (tokenizer, added special tokens)."""
+    from transformers import AutoTokenizer
+
+    from chatbot_trainer.models import ensure_chat_template
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"cannot load the tokenizer of {path}: {exc}") from exc
+    added = ensure_chat_template(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, added
+
+
+def load_causal_lm(path: str, dtype=None):
+    """A causal LM from ``path`` with sdpa attention (the model's default if it has no sdpa)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        try:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        except ValueError as exc:
+            if "sdpa" not in str(exc).lower():
+                raise
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        raise ModelNotFound(f"cannot load the model {path}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------- data order
+
+
+def epoch_order(num_sequences: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of the sequences in one epoch (a pure function of seed and epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_sequences)
+
+
+def sequence_indices(start: int, count: int, num_sequences: int, seed: int) -> list[int]:
+    """Sequences number start … start+count-1 of the endless stream of shuffled epochs."""
+    out: list[int] = []
+    position = start
+    order = None
+    order_epoch = -1
+    while len(out) < count:
+        epoch, offset = divmod(position, num_sequences)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(num_sequences, seed, epoch), epoch
+        take = min(count - len(out), num_sequences - offset)
+        out.extend(int(i) for i in order[offset : offset + take])
+        position += take
+    return out
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith("checkpoint-") or not (path / "state.json").is_file():
+        return None
+    try:
+        return int(name.split("-", 1)[1])
+    except ValueError:
+        return None
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root`` (those with state.json), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(_checkpoint_step(p), p) for p in root.iterdir() if p.is_dir()]
+    return sorted((step, path) for step, path in found if step is not None)
+
+
+def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
+    import torch
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = state
+    np_state = np.random.get_state()
+    plain = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, Any], plain: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, scaler, state: dict[str, Any]) -> Path:
+    """Write checkpoint-<step> atomically (temporary directory, then rename); keep the last 2."""
+    import torch
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{step}"
+    tmp = root / f".tmp-checkpoint-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    rng_tensors, rng_plain = _rng_state()
+    torch.save(rng_tensors, tmp / "rng.pt")
+    write_json_atomic(tmp / "state.json", {**state, "step": step, "rng": rng_plain})  # last: marks it complete
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for _, old in complete_checkpoints(root)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks trainable weights such as {missing[0]}")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    if scaler is not None and (path / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    state = json.loads((path / "state.json").read_text())
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=True), state["rng"])
+    return state
+
+
+def _fingerprint(plan: TrainPlan, params, data_file: Path) -> str:
+    """Identifies a training run: a checkpoint only resumes the run that wrote it."""
+    api = params.to_api()
+    for key in ("evaluation", "export", "logEvery", "checkpointEvery", "trainingData"):
+        api.pop(key, None)
+    digest = hashlib.sha256(json.dumps([api, plan.__dict__], sort_keys=True, default=str).encode())
+    with open(data_file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _load_conversations(path: Path) -> list[dict[str, Any]]:
+    try:
+        from chatbot_trainer.dataset import load_jsonl
+    except ImportError:  # pragma: no cover - dataset module ships with the trainer
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return load_jsonl(path)
+
+
+@contextmanager
+def _peft_quietly():
+    """peft reads a property that transformers 5 renamed; its FutureWarning is noise for users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _autocast(device: str, precision: str):
+    import torch
+
+    if device == "cuda" and precision in ("bf16", "fp16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return nullcontext()
+
+
+def _make_optimizer(params_with_names, lr: float, weight_decay: float, device: str):
+    import torch
+
+    decay = [p for n, p in params_with_names if p.ndim >= 2]
+    no_decay = [p for n, p in params_with_names if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=device in ("cuda", "cpu"))
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr)
+
+
+def _scheduler_name(name: str, warmup: int) -> str:
+    if name == "constant":
+        return "constant_with_warmup" if warmup else "constant"
+    return name
+
+
+class _MetricsLog:
+    """train/metrics.jsonl: one JSON line per logged step (lines past a resumed step dropped)."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        kept: list[str] = []
+        if resume_step and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue
+        path.write_text("".join(line + "\n" for line in kept))
+        self.records = [json.loads(line) for line in kept]
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the training; returns the train step's result.
+
+    ``stop_at_step`` ends the process's work after that step as a preemption would (the
+    result then has ``"completed": False``); the next call resumes from the checkpoint.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_scheduler
+
+    params = ctx.params
+    train_dir = ctx.step_dir("train")
+    if not ctx.show_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no weight-loading bars in Job logs
+    checkpoint_root = train_dir / "checkpoints"
+
+    # 1. The plan configure made.
+    configure = ctx.read_result("configure")
+    plan = TrainPlan.from_configure(configure, params)
+    device = plan.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidConfig("configure chose device cuda but no GPU is visible: rerun configure on this node")
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # 2. Seed, tokenizer, base model.
+    seed_everything(params.seed)
+    tokenizer, added_tokens = load_tokenizer_with_template(plan.base_model_path)
+    data_file = ctx.workspace / "prepare" / "train.jsonl"
+    if not data_file.is_file():
+        raise InvalidData(f"{data_file} is missing: run the prepare step first")
+
+    # 3. Data: tokenize, then pack (or pad) into training sequences.
+    conversations = _load_conversations(data_file)
+    examples, tokenization = tokenize_dataset(tokenizer, conversations, params.max_seq_length)
+    if not examples:
+        raise InvalidData(
+            f"no training conversation fits maxSeqLength {params.max_seq_length} with assistant tokens "
+            f"({tokenization}): raise maxSeqLength or check the data"
+        )
+    sequences = build_sequences(examples, params.max_seq_length, params.packing)
+    del conversations, examples
+    data_stats = packing_stats(sequences, params.max_seq_length)
+
+    # 4. Model + LoRA. Frozen base weights may live in half precision; trained ones stay fp32.
+    only_lora = not plan.train_base_weights and not added_tokens
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
+    load_dtype = half if (device == "cuda" and half is not None and only_lora) else torch.float32
+    model = load_causal_lm(plan.base_model_path, dtype=load_dtype)
+    if added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    model.to(device)
+    try:
+        attention_mode = choose_attention_mode(model) if params.packing else "position_ids"
+    except ValueError as exc:
+        raise InvalidConfig(str(exc)) from exc
+
+    target_modules = plan.target_modules or default_target_modules(model)
+    lora_config = LoraConfig(
+        r=params.lora.rank,
+        lora_alpha=params.lora.alpha,
+        lora_dropout=params.lora.dropout,
+        target_modules=ALL_LINEAR if target_modules == [ALL_LINEAR] else target_modules,
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2's Conv1D stores weights transposed
+        trainable_token_indices=(
+            tokenizer.convert_tokens_to_ids(added_tokens) if added_tokens and not plan.train_base_weights else None
+        ),
+    )
+    try:
+        with _peft_quietly():
+            model = get_peft_model(model, lora_config)
+    except ValueError as exc:
+        raise InvalidConfig(f"LoRA cannot adapt this model: {exc}: check lora.targetModules") from exc
+    if plan.train_base_weights:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable_params = sum(p.numel() for _, p in trainable)
+    total_params = sum(p.numel() for p in model.parameters())
+    model.train()
+
+    # 5. Optimizer, schedule, resume.
+    optimizer = _make_optimizer(trainable, params.learning_rate, params.weight_decay, device)
+    scheduler = get_scheduler(
+        _scheduler_name(params.lr_scheduler, plan.warmup_steps),
+        optimizer,
+        num_warmup_steps=plan.warmup_steps,
+        num_training_steps=params.training_steps,
+    )
+    scaler = torch.amp.GradScaler("cuda") if (device == "cuda" and plan.precision == "fp16") else None
+    fingerprint = _fingerprint(plan, params, data_file)
+
+    step, consumed, train_tokens, initial_loss, resumed_from = 0, 0, 0, None, None
+    window_state = None
+    for _, path in reversed(complete_checkpoints(checkpoint_root)):
+        saved = json.loads((path / "state.json").read_text())
+        if saved.get("fingerprint") != fingerprint:
+            log.warning("removing %s: it belongs to a run with other settings or data", path)
+            shutil.rmtree(path, ignore_errors=True)
+            continue
+        state = load_checkpoint(path, model, optimizer, scheduler, scaler)
+        step, consumed = state["step"], state["consumed_sequences"]
+        train_tokens, initial_loss = state["train_tokens"], state["initial_loss"]
+        resumed_from = str(path)
+        window_state = state.get("window")
+        log.info("resuming from %s (step %d of %d)", path, step, params.training_steps)
+        break
+    metrics_log = _MetricsLog(train_dir / "metrics.jsonl", step)
+
+    # 6. The loop.
+    batch_size, micro = params.batch_size, plan.micro_batch_size
+    pad_id = tokenizer.pad_token_id
+    pin = device == "cuda"
+    window_loss = torch.zeros((), dtype=torch.float64, device=device)
+    window_label_tokens = window_tokens = 0
+    if window_state:  # a log window that a checkpoint cut in two goes on
+        window_loss += window_state[0]
+        window_label_tokens, window_tokens = int(window_state[1]), int(window_state[2])
+    run_tokens = 0
+    grad_norm = None
+    from tqdm.auto import tqdm
+
+    progress = tqdm(
+        total=params.training_steps, initial=step, disable=not ctx.show_progress, desc="train", unit="step"
+    )
+    started = window_started = time.perf_counter()
+    start_step = step
+    while step < params.training_steps:
+        indices = sequence_indices(consumed, batch_size, len(sequences), params.seed)
+        consumed += batch_size
+        batches = [
+            collate([sequences[i] for i in indices[j : j + micro]], pad_token_id=pad_id, packed=params.packing)
+            for j in range(0, batch_size, micro)
+        ]
+        step_label_tokens = sum(b.num_label_tokens for b in batches)
+        for batch in batches:
+            if batch.num_label_tokens == 0:
+                continue
+            if pin:
+                batch = batch.pin_memory()
+            batch = batch.to(device, non_blocking=True)
+            with _autocast(device, plan.precision):
+                loss_sum = token_loss_sums(model, batch, attention_mode=attention_mode)
+            loss = loss_sum / step_label_tokens
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            window_loss += loss_sum.detach().double()
+        step_tokens = sum(b.num_tokens for b in batches)
+        window_label_tokens += step_label_tokens
+        window_tokens += step_tokens
+        run_tokens += step_tokens
+        train_tokens += step_tokens
+
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], params.max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        progress.update(1)
+
+        if step == 1 or step % params.log_every == 0 or step == params.training_steps:
+            now = time.perf_counter()
+            loss_value = window_loss.item() / max(window_label_tokens, 1)
+            if initial_loss is None:
+                initial_loss = loss_value
+            record = {
+                "step": step,
+                "loss": round(loss_value, 6),
+                "lr": lr,
+                "grad_norm": round(float(grad_norm), 6),
+                "tokens_per_second": round(window_tokens / max(now - window_started, 1e-9), 1),
+                "epoch": round(consumed / len(sequences), 3),
+            }
+            metrics_log.write(record)
+            progress.set_postfix(loss=f"{loss_value:.4f}")
+            log.info("step %d/%d loss %.4f lr %.3g", step, params.training_steps, loss_value, record["lr"])
+            window_loss.zero_()
+            window_label_tokens = window_tokens = 0
+            window_started = now
+
+        if step % params.checkpoint_every == 0 or step == params.training_steps:
+            save_checkpoint(
+                checkpoint_root,
+                step,
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                {
+                    "fingerprint": fingerprint,
+                    "consumed_sequences": consumed,
+                    "train_tokens": train_tokens,
+                    "initial_loss": initial_loss,
+                    "training_steps": params.training_steps,
+                    "window": [window_loss.item(), window_label_tokens, window_tokens],
+                },
+            )
+        if stop_at_step is not None and step >= stop_at_step and step < params.training_steps:
+            progress.close()
+            return {"completed": False, "step": step, "resumed_from": resumed_from}
+    progress.close()
+    seconds = time.perf_counter() - started
+    restore_attention(model)
+    final_loss = metrics_log.records[-1]["loss"] if metrics_log.records else None
+
+    # 7. Save the adapter, and the base when it changed (trained weights, added tokens).
+    adapter_dir = train_dir / "adapter"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    # The resized embedding matrix goes to train/base below, not into the adapter.
+    model.save_pretrained(adapter_dir, save_embedding_layers=False if added_tokens else "auto")
+    tokenizer.save_pretrained(adapter_dir)
+    base_for_adapter = plan.base_model_path
+    if plan.train_base_weights or added_tokens:
+        base_dir = train_dir / "base"
+        shutil.rmtree(base_dir, ignore_errors=True)
+        base_model = model.unload()  # the base weights as trained, without the LoRA layers
+        base_model.config.use_cache = True
+        base_model.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+        base_for_adapter = str(base_dir)
+
+    tokens_per_second = run_tokens / seconds if step > start_step and seconds > 0 else 0.0
+    return {
+        "completed": True,
+        "base_model": configure.get("base_model"),
+        "base_model_path": plan.base_model_path,
+        "base_model_path_for_adapter": base_for_adapter,
+        "adapter_path": str(adapter_dir),
+        "base_weights_trained": plan.train_base_weights,
+        "added_tokens": list(added_tokens),
+        "steps": params.training_steps,
+        "steps_this_run": step - start_step,
+        "initial_loss": initial_loss,
+        "final_loss": final_loss,
+        "train_tokens": train_tokens,
+        "tokens_per_second": round(tokens_per_second, 1),
+        "trainable_params": trainable_params,
+        "total_params": total_params,
+        "resumed_from": resumed_from,
+        "tokenization": tokenization,
+        "data": data_stats,
+        "device": device,
+        "precision": plan.precision,
+        "micro_batch_size": micro,
+        "gradient_accumulation_steps": math.ceil(batch_size / micro),
+        "attention": attention_mode if params.packing else "causal (padded)",
+        "lora": {"rank": params.lora.rank, "alpha": params.lora.alpha, "dropout": params.lora.dropout,
+                 "target_modules": target_modules},
+        "metrics_path": str(train_dir / "metrics.jsonl"),
+        "summary": {
+            "train_loss": final_loss,
+            "initial_loss": initial_loss,
+            "steps": params.training_steps,
+            "tokens_per_second": round(tokens_per_second, 1),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- reloading
+
+
+def _train_result(source: Any) -> dict[str, Any]:
+    if isinstance(source, StepContext):
+        return source.read_result("train")
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    if path.is_dir():
+        path = path / "train" / "result.json"
+    return json.loads(path.read_text())
+
+
+def load_trained_model(source: Any, merge: bool = False, *, device: str | None = None, dtype=None):
+    """The fine-tuned model and its tokenizer, as the train step left them.
+
+    ``source``: a StepContext, a workspace directory, a train result.json path or the train
+    result dict. ``merge=True`` folds the adapter into the weights (``merge_and_unload``).
+    Returns ``(model, tokenizer)``, the model in eval mode.
+    """
+    from peft import PeftModel
+
+    result = _train_result(source)
+    base_path, adapter_path = result["base_model_path_for_adapter"], result["adapter_path"]
+    has_tokenizer = Path(adapter_path, "tokenizer_config.json").is_file()
+    tokenizer, _ = load_tokenizer_with_template(adapter_path if has_tokenizer else base_path)
+    model = load_causal_lm(base_path, dtype=dtype)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    with _peft_quietly():
+        model = PeftModel.from_pretrained(model, adapter_path)
+    if merge:
+        model = model.merge_and_unload()
+    if device:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def load_base_model(source: Any, *, device: str | None = None, dtype=None):
+    """The model before fine-tuning (same vocabulary as the trained one), for comparisons."""
+    result = _train_result(source)
+    path = result["base_model_path"] if result.get("base_weights_trained") else result["base_model_path_for_adapter"]
+    model = load_causal_lm(path, dtype=dtype)
+    if device:
+        model.to(device)
+    return model.eval()
