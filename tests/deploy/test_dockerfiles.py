@@ -97,9 +97,13 @@ def parse(path: Path) -> Dockerfile:
     return Dockerfile(global_args=global_args, stages=stages)
 
 
-def constraints() -> dict[str, str]:
+LOCKS = {"operator": "constraints.txt", "trainer": "trainer-image/constraints.txt"}
+
+
+def constraints(image: str = "operator") -> dict[str, str]:
+    """The pins an image installs with: the trainer has its own lock (see its header)."""
     pins = {}
-    for line in (REPO_ROOT / "constraints.txt").read_text().splitlines():
+    for line in (REPO_ROOT / LOCKS[image]).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if "==" in line:
             name, version = line.split("==", 1)
@@ -206,7 +210,7 @@ def test_every_package_directory_is_copied(image: tuple[str, Dockerfile]) -> Non
     readme = PYPROJECT["project"].get("readme")
     if isinstance(readme, str):
         assert readme in copied, f"pyproject readme {readme} is not copied"
-    assert {"pyproject.toml", "constraints.txt"} <= copied
+    assert "pyproject.toml" in copied and LOCKS[image[0]] in copied
 
 
 # ---------------------------------------------------------------------------- versions
@@ -224,8 +228,8 @@ def test_pip_installs_use_constraints(image: tuple[str, Dockerfile]) -> None:
 
 
 def test_pinned_versions_match_constraints(image: tuple[str, Dockerfile]) -> None:
-    _, dockerfile = image
-    pins = constraints()
+    name_, dockerfile = image
+    pins = constraints(name_)
     text = " ".join(args for stage in dockerfile.stages for _, args in stage.instructions)
     for name, version in re.findall(r"([A-Za-z0-9_.-]+)==([^\s\"']+)", dockerfile.expand(text)):
         if normalise(name) in pins:
@@ -234,10 +238,20 @@ def test_pinned_versions_match_constraints(image: tuple[str, Dockerfile]) -> Non
 
 def test_trainer_torch_matches_constraints() -> None:
     dockerfile = parse(DOCKERFILES["trainer"])
-    torch = constraints()["torch"]
+    torch = constraints("trainer")["torch"]
     assert dockerfile.args()["TORCH_VERSION"] == torch
     runs = " ".join(dockerfile.stages[0].all("RUN"))
     assert 'torch==${TORCH_VERSION}' in runs
+
+
+def test_trainer_lock_agrees_with_the_main_lock() -> None:
+    """Both locks pin the same versions, except python-dateutil (botocore needs <3 and the
+    kubernetes client >=3, so only the operator side has 4.x) and packages only one side has."""
+    trainer, main = constraints("trainer"), constraints("operator")
+    differing = {n for n in trainer.keys() & main.keys() if trainer[n] != main[n]}
+    assert differing <= {"python-dateutil"}, {n: (trainer[n], main[n]) for n in differing}
+    for needed in ("torch", "transformers", "peft", "gguf", "boto3", "botocore"):
+        assert needed in trainer
 
 
 def test_operator_image_has_no_torch() -> None:
