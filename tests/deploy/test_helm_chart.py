@@ -270,7 +270,7 @@ def test_deployment_env_parses_as_operator_config(
     default_objects: list[dict[str, Any]], custom_objects: list[dict[str, Any]]
 ) -> None:
     """The operator accepts what the chart renders, and reads the values it was given."""
-    from chatbot_operator.settings import OperatorConfig
+    from chatbot_operator.settings import OperatorConfig, resync_seconds_from_env
 
     env = env_of(one(default_objects, "Deployment", OPERATOR))
     assert env["POD_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
@@ -281,7 +281,7 @@ def test_deployment_env_parses_as_operator_config(
     assert config.peering_name == default.peering_name
     assert config.peering_priority is None
     assert config.step_uid == default.step_uid
-    assert config.resync_seconds == default.resync_seconds
+    assert resync_seconds_from_env(env) == resync_seconds_from_env({})
     assert config.trainer_image == default.trainer_image, "chart and operator disagree on the trainer image"
     assert config.default_node_selector == {}
     assert list(config.default_tolerations) == [
@@ -295,7 +295,7 @@ def test_deployment_env_parses_as_operator_config(
     assert config.trainer_image == "registry.example.com/ml/chatbot-trainer@sha256:" + "ab" * 32
     assert config.image_pull_policy == "Always"
     assert config.peering_name == "ml-bots" and config.peering_priority is None
-    assert config.step_uid == 2000 and config.resync_seconds == 30
+    assert config.step_uid == 2000 and resync_seconds_from_env(env) == 30
     assert dict(config.default_node_selector) == trainer["nodeSelector"]
     assert list(config.default_tolerations) == trainer["tolerations"]
 
