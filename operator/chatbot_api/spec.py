@@ -38,6 +38,7 @@ class ApiModel(BaseModel):
         validate_by_name=True,
         validate_by_alias=True,
         extra="forbid",
+        strict=True,  # as the API server: "100" is not an integer
     )
 
     def to_api(self) -> dict[str, Any]:

@@ -61,6 +61,29 @@ def test_seed_inputs_block_and_manifest_are_accepted(tmp_path):
     assert trainer_params({k: v for k, v in data.items() if k != "name"}).training_data == "pvc://d/x.jsonl"
 
 
+def test_yaml_numbers_as_kubectl_reads_them(tmp_path):
+    config = tmp_path / "inputs.yaml"
+    config.write_text("inputs:\n  training_data: x.jsonl\n  learning_rate: 1e-4\n  batch_size: 16\n")
+    params = trainer_params(read_config_file(config))
+    assert (params.learning_rate, params.batch_size) == (0.0001, 16)
+
+
+def test_strings_are_not_numbers_as_for_the_api_server():
+    with pytest.raises(InvalidConfig, match="trainingSteps"):
+        trainer_params({"training_data": "x", "training_steps": "100"})
+
+
+def test_set_reaches_nested_fields():
+    data = {"training_data": "x"}
+    from chatbot_trainer.params import set_nested
+
+    set_nested(data, "lora.rank", "8")
+    set_nested(data, "learningRate", "2e-4")
+    set_nested(data, "export.quantizations", "[q8_0, f16]")
+    params = trainer_params(data)
+    assert (params.lora.rank, params.learning_rate, params.export.quantizations) == (8, 0.0002, ["q8_0", "f16"])
+
+
 def test_run_flags_underscore_and_hyphen():
     parser = cli.build_run_parser()
     a = parser.parse_args(["run", "--training_data", "d.jsonl", "--training-steps", "5", "--batch-size", "2",

@@ -138,6 +138,19 @@ def _check_file(path: Path, shown: str, hint: str) -> Path:
     return path
 
 
+def pvc_path(uri: str, pvc_root: str | os.PathLike[str] | None = None) -> Path:
+    """``pvc://<claim>/<path>`` → ``<pvc_root>/<claim>/<path>``, where the Job mounts claims."""
+    root = Path(pvc_root if pvc_root is not None else _default_pvc_root())
+    claim, _, inner = uri[len("pvc://"):].partition("/")
+    inner = inner.strip("/")
+    if not claim or not inner:
+        raise DataError(f"bad URI {uri!r}: expected pvc://<claim>/<path>")
+    norm = os.path.normpath(inner)
+    if norm == ".." or norm.startswith("../") or os.path.isabs(norm):
+        raise DataError(f"bad URI {uri!r}: the path must stay inside the claim")
+    return root / claim / norm
+
+
 def resolve_source(
     uri: str,
     *,
@@ -162,16 +175,10 @@ def resolve_source(
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
 
     if scheme == "pvc":
+        path = pvc_path(uri, pvc_root)
         root = Path(pvc_root if pvc_root is not None else _default_pvc_root())
-        rest = uri[len("pvc://"):]
-        claim, _, inner = rest.partition("/")
-        inner = inner.strip("/")
-        if not claim or not inner:
-            raise DataError(f"bad data URI {uri!r}: expected pvc://<claim>/<path/to/file>")
-        norm = os.path.normpath(inner)
-        if norm == ".." or norm.startswith("../") or os.path.isabs(norm):
-            raise DataError(f"bad data URI {uri!r}: the path must stay inside the claim")
-        path = root / claim / norm
+        claim, *inner = path.relative_to(root).parts
+        norm = "/".join(inner)
         return _check_file(
             path,
             f"{path} (from {uri})",

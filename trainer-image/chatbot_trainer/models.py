@@ -122,7 +122,18 @@ def _in_local_cache(repo_id: str) -> bool:
 
 def resolve_base_model(model_type: str) -> BaseModelChoice:
     """Decide which base model `model_type` means, without loading it."""
-    path = Path(model_type).expanduser()
+    if model_type.startswith("pvc://"):
+        from chatbot_trainer.dataset import DataError, pvc_path
+
+        try:
+            path = pvc_path(model_type)  # the Job mounts the claim at $CHATBOT_PVC_ROOT/<claim>
+        except DataError as exc:
+            raise ModelNotFoundError(str(exc)) from exc
+        if not path.is_dir():
+            raise ModelNotFoundError(f"{path} (from {model_type}) is not a directory: point modelType "
+                                     "at a model saved with save_pretrained() on the claim")
+    else:
+        path = Path(model_type).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(

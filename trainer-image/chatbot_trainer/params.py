@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,21 @@ from pydantic.alias_generators import to_camel
 from chatbot_api.spec import TrainingParams
 
 from chatbot_trainer.errors import InvalidConfig
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader reading `1e-4` as a number, as YAML 1.2 and kubectl do (PyYAML says string)."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)
+
 
 # The seed workflow's input names (snake_case) → the spec's fields.
 SEED_INPUTS = ("training_data", "model_type", "training_steps", "batch_size", "learning_rate")
@@ -48,7 +64,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise InvalidConfig(f"cannot read config file {path}: {exc.strerror}") from exc
     try:
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        data = load_yaml(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise InvalidConfig(f"{path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}") from exc
     if not isinstance(data, dict):
@@ -88,4 +104,4 @@ def set_nested(data: dict[str, Any], dotted: str, raw: str) -> None:
         target = target.setdefault(key, {})
         if not isinstance(target, dict):
             raise InvalidConfig(f"--set {dotted}: {key} is not a group of settings")
-    target[keys[-1]] = yaml.safe_load(raw)
+    target[keys[-1]] = load_yaml(raw)
