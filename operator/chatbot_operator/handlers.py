@@ -85,6 +85,11 @@ def _retry_delay(retry: int) -> float:
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 async def reconcile_training(namespace: str, name: str, memo: kopf.Memo, retry: int,
                              **_: Any) -> None:
+    await _reconcile_or_retry(memo, namespace, name, retry)
+
+
+async def _reconcile_or_retry(memo: kopf.Memo, namespace: str, name: str, retry: int) -> None:
+    """Reconcile; an API failure becomes a Kopf retry with exponential backoff."""
     try:
         await memo.reconciler.reconcile(namespace, name)
     except kube.ApiError as exc:
@@ -101,11 +106,7 @@ def _unfinished(status: dict[str, Any], **_: Any) -> bool:
 async def recheck_training(namespace: str, name: str, memo: kopf.Memo, retry: int,
                            **_: Any) -> None:
     """Re-check now and then, in case an event was missed (e.g. during a watch reconnect)."""
-    try:
-        await memo.reconciler.reconcile(namespace, name)
-    except kube.ApiError as exc:
-        raise kopf.TemporaryError(f"Kubernetes API call failed: {exc}",
-                                  delay=_retry_delay(retry)) from exc
+    await _reconcile_or_retry(memo, namespace, name, retry)
 
 
 def _owner_name(body: kopf.Body) -> str | None:
