@@ -6,7 +6,8 @@ is not in the local cache) a preset falls back to a small model of the same arch
 from a config, with a byte-level BPE tokenizer trained on the training data. The fallback is
 reported in every result, so nobody mistakes it for the hub model.
 
-torch and transformers are imported inside the functions that need them.
+torch and transformers are imported inside the functions that need them; loading a resolved
+model for training lives in training.py (`load_causal_lm`, `load_tokenizer_with_template`).
 """
 
 from __future__ import annotations
@@ -283,26 +284,3 @@ def materialize_base_model(
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return str(out_dir)
-
-
-def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as exc:
-        raise ModelNotFoundError(f"cannot load the tokenizer of {name_or_path}: {exc}") from exc
-    ensure_chat_template(tokenizer)
-    return tokenizer
-
-
-def load_model(name_or_path: str, dtype=None, device: str | None = None):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-    except OSError as exc:
-        raise ModelNotFoundError(f"cannot load the model {name_or_path}: {exc}") from exc
-    if device:
-        model.to(device)
-    return model
