@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from chatbot_trainer import hardware
 from chatbot_trainer.errors import InvalidConfig, InvalidData, ModelNotFound
 from chatbot_trainer.evaluation import token_loss_sums
 from chatbot_trainer.packing import (
@@ -100,26 +101,20 @@ class TrainPlan:
     @classmethod
     def from_configure(cls, configure: dict[str, Any], params) -> "TrainPlan":
         base = configure.get("base_model") or {}
-        micro = int(configure.get("micro_batch_size") or params.micro_batch_size or params.batch_size)
-        micro = max(1, min(micro, params.batch_size))
-        accumulation = int(configure.get("gradient_accumulation_steps") or max(1, params.batch_size // micro))
+        node = hardware.resolve(params)  # this node's GPU, not the one configure ran on
         warmup = configure.get("warmup_steps")
         if warmup is None:
             warmup = params.warmup_steps if params.warmup_steps is not None else math.ceil(0.03 * params.training_steps)
-        device = configure.get("device") or _default_device()
-        precision = configure.get("precision") or "fp32"
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise InvalidConfig(f"configure chose precision {precision!r}; expected fp32, bf16 or fp16")
         path = configure.get("base_model_path") or base.get("name_or_path")
         if not path:
             raise InvalidConfig("configure/result.json has no base_model_path: run the configure step again")
         return cls(
             base_model_path=str(path),
             architecture=str(base.get("architecture") or "unknown"),
-            device=device,
-            precision=precision,
-            micro_batch_size=micro,
-            gradient_accumulation_steps=accumulation,
+            device=node["device"],
+            precision=node["precision"],
+            micro_batch_size=node["micro_batch_size"],
+            gradient_accumulation_steps=node["gradient_accumulation_steps"],
             warmup_steps=int(warmup),
             target_modules=_as_list(configure.get("target_modules") or params.lora.target_modules),
             train_base_weights=bool(configure.get("train_base_weights", base.get("source") == "scratch")),
@@ -130,12 +125,6 @@ def _as_list(value: Any) -> list[str] | None:
     if not value:
         return None
     return [value] if isinstance(value, str) else list(value)
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def seed_everything(seed: int) -> None:
@@ -302,9 +291,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> dict[str
 def _fingerprint(plan: TrainPlan, params, data_file: Path) -> str:
     """Identifies a training run: a checkpoint only resumes the run that wrote it."""
     api = params.to_api()
-    for key in ("evaluation", "export", "logEvery", "checkpointEvery", "trainingData"):
+    for key in ("evaluation", "export", "logEvery", "checkpointEvery", "trainingData",
+                "microBatchSize", "precision"):
         api.pop(key, None)
-    digest = hashlib.sha256(json.dumps([api, plan.__dict__], sort_keys=True, default=str).encode())
+    # Node-dependent choices stay out: a preempted pod may resume on another GPU type, with
+    # another micro-batch size for the same effective batch.
+    node_dependent = {"device", "precision", "micro_batch_size", "gradient_accumulation_steps"}
+    math_of_the_run = {k: v for k, v in plan.__dict__.items() if k not in node_dependent}
+    digest = hashlib.sha256(json.dumps([api, math_of_the_run], sort_keys=True, default=str).encode())
     with open(data_file, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
@@ -403,12 +397,10 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         hf_logging.disable_progress_bar()  # no weight-loading bars in Job logs
     checkpoint_root = train_dir / "checkpoints"
 
-    # 1. The plan configure made.
+    # 1. The plan configure made, with device, precision and micro-batch for this node.
     configure = ctx.read_result("configure")
     plan = TrainPlan.from_configure(configure, params)
     device = plan.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InvalidConfig("configure chose device cuda but no GPU is visible: rerun configure on this node")
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -2,8 +2,9 @@
 
 Everything the later steps need is decided here and written to `configure/config.json`, so a
 run can be read back and reproduced: the base model (and, for a model built from a config, the
-model itself, saved under `configure/base-model/`), device, precision, micro-batch size,
-gradient accumulation, warmup, LoRA target modules. Checks that can fail early do so here
+model itself, saved under `configure/base-model/`), warmup, LoRA target modules, and the
+device, precision and micro-batch size for the hardware configure sees (train and evaluate
+decide those again on their own nodes: see hardware.py). Checks that can fail early do so here
 (unknown model, an architecture the GGUF export does not support) rather than after training.
 """
 
@@ -12,55 +13,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from chatbot_trainer import hardware
 from chatbot_trainer.dataset import load_jsonl
-from chatbot_trainer.errors import InvalidConfig, ModelNotFound
+from chatbot_trainer.errors import ModelNotFound
 from chatbot_trainer.models import ModelNotFoundError, materialize_base_model, resolve_base_model
 from chatbot_trainer.workspace import StepContext, write_json_atomic
-
-# Tokens per micro-batch that fit comfortably with LoRA on one data-centre GPU; larger batches
-# are split into micro-batches with gradient accumulation (microBatchSize overrides).
-GPU_TOKENS_PER_MICRO_BATCH = 16384
-
-
-def detect_hardware() -> dict[str, Any]:
-    import torch
-
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return {
-            "device": "cuda",
-            "name": props.name,
-            "count": torch.cuda.device_count(),
-            "memory_gb": round(props.total_memory / 2**30, 1),
-            "bf16": bool(torch.cuda.is_bf16_supported()),
-        }
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return {"device": "mps", "name": "Apple MPS", "count": 1, "memory_gb": None, "bf16": False}
-    return {"device": "cpu", "name": "cpu", "count": 0, "memory_gb": None, "bf16": False,
-            "threads": torch.get_num_threads()}
-
-
-def choose_precision(requested: str, hardware: dict[str, Any]) -> str:
-    device = hardware["device"]
-    if requested == "auto":
-        if device == "cuda":
-            return "bf16" if hardware["bf16"] else "fp16"
-        return "fp32"
-    if requested == "fp16" and device != "cuda":
-        raise InvalidConfig(f"precision fp16 needs a CUDA GPU, found {device}: use auto, bf16 or fp32")
-    if requested == "bf16" and device == "cuda" and not hardware["bf16"]:
-        raise InvalidConfig(f"{hardware['name']} has no bf16 support: use precision auto or fp16")
-    return requested
-
-
-def choose_micro_batch(batch_size: int, requested: int | None, max_seq_length: int, device: str) -> int:
-    if requested is not None:
-        return requested
-    if device == "cpu":
-        return batch_size
-    fitting = max(1, GPU_TOKENS_PER_MICRO_BATCH // max_seq_length)
-    return max(d for d in range(1, batch_size + 1) if batch_size % d == 0 and d <= fitting)
-
 
 def _hf_config(name_or_path: str):
     from transformers import AutoConfig
@@ -111,9 +68,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     architecture = (hf_config.architectures or [type(hf_config).__name__])[0]
     gguf_architecture = _check_exportable(base_path)
 
-    hardware = detect_hardware()
-    precision = choose_precision(params.precision, hardware)
-    micro = choose_micro_batch(params.batch_size, params.micro_batch_size, params.max_seq_length, hardware["device"])
+    node = hardware.resolve(params)  # train and evaluate resolve again on their own nodes
     warmup = params.warmup_steps if params.warmup_steps is not None else math.ceil(0.03 * params.training_steps)
     target_modules = (
         params.lora.target_modules or default_target_modules(hf_config.model_type) or "all-linear"
@@ -125,11 +80,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "base_model_path": base_path,
         "architecture": architecture,
         "gguf_architecture": gguf_architecture,
-        "hardware": hardware,
-        "device": hardware["device"],
-        "precision": precision,
-        "micro_batch_size": micro,
-        "gradient_accumulation_steps": params.batch_size // micro,
+        **node,
         "warmup_steps": warmup,
         "model_family": hf_config.model_type,
         "target_modules": target_modules if isinstance(target_modules, str) else list(target_modules),
@@ -140,9 +91,9 @@ def run(ctx: StepContext) -> dict[str, Any]:
         **config,
         "summary": {
             "base_model": choice.label,
-            "device": hardware["device"],
-            "precision": precision,
-            "micro_batch_size": micro,
-            "gradient_accumulation_steps": params.batch_size // micro,
+            "device": node["device"],
+            "precision": node["precision"],
+            "micro_batch_size": node["micro_batch_size"],
+            "gradient_accumulation_steps": node["gradient_accumulation_steps"],
         },
     }

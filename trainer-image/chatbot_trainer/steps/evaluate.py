@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from chatbot_trainer import hardware
 from chatbot_trainer.errors import InvalidConfig, InvalidData, QualityThresholdNotMet
 from chatbot_trainer.workspace import StepContext, write_json_atomic
 
@@ -85,12 +86,11 @@ def run(ctx: StepContext) -> dict[str, Any]:
         hf_logging.disable_progress_bar()
     configure = ctx.read_result("configure")
     trained = ctx.read_result("train")
-    device = configure.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        device = "cpu"
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(configure.get("precision"))
+    node = hardware.resolve(ctx.params)  # this node's GPU, not the one configure ran on
+    device = node["device"]
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(node["precision"])
     dtype = half if device == "cuda" else None
-    micro = int(configure.get("micro_batch_size") or params.micro_batch_size or params.batch_size)
+    micro = node["micro_batch_size"]
 
     model, tokenizer = load_trained_model(trained, merge=True, device=device, dtype=dtype)
     conversations, split = _eval_conversations(ctx)
