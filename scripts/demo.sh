@@ -8,7 +8,7 @@ scripts/bootstrap.sh
 # One thread: a ~1M-parameter model gains nothing from more, and two threads on two busy
 # cores spend half their time spinning. 100 steps of 8 packed 256-token sequences are about
 # four passes over the 442 training conversations: about a minute on 2 cores.
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec .venv/bin/chatbot-training run \
   --training_data examples/data/support.jsonl \
   --model_type gpt \

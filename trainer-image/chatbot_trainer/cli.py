@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -42,11 +41,6 @@ def _fail(exc: StepError) -> int:
     return exc.exit_code
 
 
-def _limit_threads() -> None:
-    """Leave one thread per core to torch; oversubscribed OpenMP threads slow CPU training."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def build_run_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatbot-training",
@@ -70,7 +64,6 @@ def build_run_parser() -> argparse.ArgumentParser:
 
 
 def training_main(argv: list[str] | None = None) -> int:
-    _limit_threads()
     args = build_run_parser().parse_args(argv)
     try:
         data: dict[str, Any] = read_config_file(args.file) if args.file else {}
@@ -122,7 +115,6 @@ def build_step_parser() -> argparse.ArgumentParser:
 
 
 def trainer_main(argv: list[str] | None = None) -> int:
-    _limit_threads()
     args = build_step_parser().parse_args(argv)
     from chatbot_trainer.steps import run_step
     from chatbot_trainer.workspace import StepContext, write_termination_message
