@@ -6,6 +6,11 @@ decoder, keep the hidden states of the positions that predict an assistant token
 is big) and return per-batch sums. Logits of the prompt tokens are never computed and logits
 are never accumulated across batches.
 
+In training, the output layer and the cross-entropy are one chunked autograd function
+(``linear_cross_entropy_sum``): each chunk's gradients are computed in the forward pass, so
+at most one chunk of logits exists at any time, also for the backward pass (with a 150k-token
+vocabulary the logits of a micro-batch would otherwise be the largest tensor of the step).
+
 For architectures whose causal-LM head does more than a linear layer (logit soft-capping,
 scaling, …) the full model forward is used instead and its logits are indexed the same way.
 """
@@ -31,7 +36,10 @@ LINEAR_HEAD_ARCHITECTURES = frozenset(
     {"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "starcoder2", "olmo", "olmo2", "smollm3"}
 )
 
-LOGITS_PER_CHUNK = 1 << 24  # chunk size (tokens × vocabulary) for the output layer in evaluation
+LOGITS_PER_CHUNK = 1 << 24  # chunk size (tokens × vocabulary) for the output layer
+# In training, larger chunks (256 MB of float32 logits): fewer, larger matrix products, still
+# a fraction of the logits of a whole micro-batch with a 150k-token vocabulary.
+TRAIN_LOGITS_PER_CHUNK = 1 << 26
 
 
 def _base_of(model):
@@ -51,6 +59,69 @@ def compute_dtype(model):
     return torch.float32
 
 
+def _linear_cross_entropy_class():
+    import torch
+
+    class LinearCrossEntropySum(torch.autograd.Function):
+        """sum_i CE(hidden_i @ weight.T, target_i), chunk by chunk; the gradients for hidden and
+        weight are computed in the forward pass (the loss is the graph's end: the incoming
+        gradient is a scalar that only scales them), so no logits are kept for backward."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, chunk):
+            need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            grad_hidden = torch.empty_like(hidden) if need_hidden else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk):
+                part, part_targets = hidden[start : start + chunk], targets[start : start + chunk]
+                logits = torch.nn.functional.linear(part, weight).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, part_targets[:, None]).squeeze(1)).sum()
+                if need_hidden or need_weight:
+                    grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    rows = torch.arange(part_targets.shape[0], device=part_targets.device)
+                    grad_logits[rows, part_targets] -= 1.0
+                    grad_logits = grad_logits.to(weight.dtype)  # (autocast casts the products)
+                    if need_hidden:
+                        grad_hidden[start : start + chunk] = grad_logits @ weight
+                    if need_weight:
+                        grad_weight += (grad_logits.t() @ part).float()
+            ctx.save_for_backward(grad_hidden, grad_weight)
+            ctx.weight_dtype = weight.dtype
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            grad_hidden, grad_weight = ctx.saved_tensors
+            return (
+                grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None,
+                (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None,
+                None,
+                None,
+            )
+
+    return LinearCrossEntropySum
+
+
+_LINEAR_CROSS_ENTROPY = None
+
+
+def linear_cross_entropy_sum(hidden, weight, targets, chunk_tokens: int):
+    """Sum over rows of cross_entropy(hidden @ weight.T, targets) (logits in float32), with at
+    most ``chunk_tokens`` rows of logits alive at once, in the forward and the backward pass."""
+    global _LINEAR_CROSS_ENTROPY
+    if _LINEAR_CROSS_ENTROPY is None:
+        _LINEAR_CROSS_ENTROPY = _linear_cross_entropy_class()
+    return _LINEAR_CROSS_ENTROPY.apply(hidden, weight, targets, max(1, int(chunk_tokens)))
+
+
+def _plain_linear(module) -> bool:
+    import torch
+
+    return type(module) is torch.nn.Linear and module.bias is None
+
+
 def token_loss_sums(
     model,
     batch: Batch,
@@ -63,7 +134,9 @@ def token_loss_sums(
     correct argmax predictions, as 0-d tensors on the model's device (no host sync).
 
     ``chunk_tokens`` bounds how many label positions go through the output layer at once
-    (None: all at once, which is what training wants for a single backward graph).
+    (None: as many as ``TRAIN_LOGITS_PER_CHUNK`` allows in training, all at once otherwise). With
+    gradients enabled and a plain linear output layer, the output layer and the loss run as
+    ``linear_cross_entropy_sum``.
     """
     import torch
     import torch.nn.functional as F
@@ -87,6 +160,10 @@ def token_loss_sums(
         head = None
 
     total = targets.shape[0]
+    if head is not None and not with_accuracy and torch.is_grad_enabled() and _plain_linear(head):
+        vocab = head.weight.shape[0]
+        chunk = chunk_tokens or TRAIN_LOGITS_PER_CHUNK // vocab
+        return linear_cross_entropy_sum(selected, head.weight, targets, chunk)
     step = total if not chunk_tokens else max(1, chunk_tokens)
     loss_sum = None
     correct = None
