@@ -18,7 +18,10 @@ Supported, exactly:
               to F16 and are listed in the result.
 
 Tensors are streamed one at a time (header first, then data), so memory stays near one tensor.
-numpy, safetensors and gguf are imported inside functions; torch only to read bf16 safetensors.
+Each tensor is read in its stored dtype and converted once, with torch: F16 directly from the
+stored bf16/f32 values, Q8_0 by `quantize_q8_0` (bit-identical to ggml's reference and to
+gguf.quants, ~4x faster than the latter); F32, BF16 and Q4_0 go through gguf.quants.
+numpy, safetensors, torch and gguf are imported inside functions.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ class _Planned:
     name: str  # GGUF tensor name
     shape: tuple[int, ...]  # numpy shape as written (ggml reverses it)
     qtype: Any  # gguf.GGMLQuantizationType
-    load: Callable[[], Any]  # → float32 numpy array of `shape`
+    load: Callable[[], Any]  # → tensor of `shape` (torch, any float dtype; or a numpy array)
 
 
 @dataclass
@@ -176,8 +179,7 @@ def write_gguf(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in tensors:
-            data = gguf.quants.quantize(t.load(), t.qtype)
-            writer.write_tensor_data(data)
+            writer.write_tensor_data(_tensor_data(t))
         writer.flush()
         for handle in writer.fout or []:
             os.fsync(handle.fileno())
@@ -575,18 +577,74 @@ def _tensor_sources(model_dir: Path) -> dict[str, tuple[Path, list[int], str]]:
 
 
 def _loader(path: Path, name: str, transform):
+    """Reads one tensor in its stored dtype (transforms are layout changes: no conversion)."""
+
     def load():
-        import numpy as np
-        import torch
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
-            data = handle.get_tensor(name).to(torch.float32).numpy()
-        if transform is not None:
-            data = transform(data)
-        return np.ascontiguousarray(data, dtype=np.float32)
+            data = handle.get_tensor(name)
+        return transform(data) if transform is not None else data
 
     return load
+
+
+def _tensor_data(t: _Planned):
+    """The bytes of one planned tensor as a numpy array: converted once, from the stored dtype."""
+    import gguf
+    import numpy as np
+    import torch
+
+    data = t.load()
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
+    Q = gguf.GGMLQuantizationType
+    if t.qtype == Q.Q8_0:
+        out = quantize_q8_0(data)
+    else:
+        dtype = torch.float16 if t.qtype == Q.F16 else torch.float32
+        # F32/F16: already the target dtype, gguf.quants.quantize only checks it; others convert there.
+        out = gguf.quants.quantize(data.to(dtype, memory_format=torch.contiguous_format).numpy(), t.qtype)
+    if tuple(out.shape[:-1]) != tuple(t.shape[:-1]):
+        raise StepError(f"tensor {t.name} has shape {tuple(data.shape)}, expected {t.shape}; cannot export")
+    return out
+
+
+Q8_0_BLOCK = 32
+Q8_0_CHUNK_BLOCKS = 8192  # blocks converted at a time: temporaries stay in the CPU caches
+# The largest float32 below 0.5: trunc(x + copysign(Q8_0_HALF, x)) equals C's roundf(x) (half
+# away from zero, as ggml rounds) for every float32 |x| <= 128, ties and 0.49999997 included
+# (checked exhaustively), where adding 0.5 would round 0.49999997 up.
+Q8_0_HALF = 0.49999997
+
+
+def quantize_q8_0(tensor):
+    """ggml's Q8_0 of a float tensor whose last dimension is a multiple of 32, as a uint8 numpy
+    array of shape (*leading, last // 32 * 34): per block of 32 values, the scale
+    d = max|x| / 127 as float16, then the 32 values round(x / d) as int8.
+
+    Bit-identical to ggml's quantize_row_q8_0_ref and gguf.quants.quantize (same float32
+    operations in the same order); works in chunks, from any stored float dtype.
+    """
+    import numpy as np
+    import torch
+
+    if tensor.shape[-1] % Q8_0_BLOCK:
+        raise ValueError(f"Q8_0 needs rows that are a multiple of {Q8_0_BLOCK} values, got shape {tuple(tensor.shape)}")
+    blocks = tensor.reshape(-1, Q8_0_BLOCK)
+    count = blocks.shape[0]
+    out = np.empty((count, 2 + Q8_0_BLOCK), dtype=np.uint8)
+    target = torch.from_numpy(out)
+    for start in range(0, count, Q8_0_CHUNK_BLOCKS):
+        end = min(start + Q8_0_CHUNK_BLOCKS, count)
+        x = blocks[start:end].to(torch.float32)
+        scale = x.abs().amax(dim=1, keepdim=True) / 127
+        inverse = torch.where(scale == 0, 0.0, 1.0 / scale)
+        scaled = x * inverse
+        scaled.add_(scaled.sign(), alpha=Q8_0_HALF)  # then the int8 cast truncates: roundf
+        target[start:end, :2] = scale.to(torch.float16).view(torch.uint8)
+        target[start:end, 2:] = scaled.to(torch.int8).view(torch.uint8)
+    return out.reshape(*tensor.shape[:-1], tensor.shape[-1] // Q8_0_BLOCK * (2 + Q8_0_BLOCK))
 
 
 def _nbytes(shape: tuple[int, ...], qtype) -> int:
