@@ -1,0 +1,390 @@
+"""Operator at scale: 200 ChatbotTrainings created at once against the Kubernetes API emulator.
+
+The emulator is the one the operator tests use (``tests/operator/operator_support.py``:
+kmock's Kubernetes emulator with uid/resourceVersion/generation, watches, label selectors,
+the status subresource, finalizers and garbage collection), served over HTTP in this process.
+The real operator (Kopf + ``chatbot_operator.handlers``) runs in a child process with its
+production settings (Kopf's defaults plus the operator's own, re-check every 60 s, metrics
+server on), standalone (no peering object) and watching all namespaces.
+
+Per repeat (fresh emulator and operator each time):
+
+1. idle latency: one training at a time, ``--idle`` times: time from its POST to the POST of
+   its first Job (``<name>-prepare``);
+2. burst: ``--count`` trainings POSTed concurrently: the same latency for each (p50, p95,
+   max), the time until all have their first Job, the operator's CPU time and peak RSS, and
+   its handler invocations and reconciliations while it worked through them.
+
+Both POSTs are timestamped by the emulator when it receives them (an admission hook). The
+headline ratio is "p95 at 200 / p50 at 1": how much slower the worst-served trainings of a
+burst start than a training on an idle operator.
+
+Nothing plays the Job controller: the trainings stay at their first step, which is what is
+measured. The emulator runs in this process and competes with the operator for the CPUs; its
+own CPU time is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent / "tests" / "operator"))  # operator_support.py, reused as is
+
+import common  # noqa: E402
+
+SPEC = {"trainingData": "pvc://chat-data/support.jsonl", "modelType": "gpt", "trainingSteps": 100,
+        "batchSize": 8, "gpu": {"count": 1}}
+
+
+# ------------------------------------------------------------------------------ the operator
+
+
+def _count_handler_calls(registry, counts: dict[str, int]) -> None:
+    """Wrap the chatbot handlers registered in Kopf so that each call is counted."""
+    import dataclasses
+
+    for sub in (registry._watching, registry._changing, registry._spawning):
+        for index, handler in enumerate(list(sub._handlers)):
+            fn = handler.fn
+            if getattr(fn, "__module__", "") != "chatbot_operator.handlers":
+                continue
+            name = fn.__name__
+            counts.setdefault(name, 0)
+
+            @functools.wraps(fn)
+            async def counted(*args, __fn=fn, __name=name, **kwargs):
+                counts[__name] += 1
+                return await __fn(*args, **kwargs)
+
+            sub._handlers[index] = dataclasses.replace(handler, fn=counted)
+
+
+def operator_process(conn, profile: str | None = None) -> None:
+    """The operator in its own process; answers "stats" and "stop" on the pipe.
+
+    ``profile``: write cProfile statistics of the operator's thread to this file at the end."""
+    common.set_quiet_env(1)
+    import logging
+
+    import kopf
+    import prometheus_client
+
+    import chatbot_operator.handlers  # noqa: F401 - registers the handlers
+    from chatbot_operator.settings import OperatorConfig
+
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("kopf").setLevel(logging.ERROR)  # no notes about streams left at shutdown
+    config = OperatorConfig(metrics_port=0, health_port=-1, peering_name=None)
+    registry = kopf.get_default_registry()
+    calls: dict[str, int] = {}
+    _count_handler_calls(registry, calls)
+    stop_flag, ready_flag = threading.Event(), threading.Event()
+    errors: list[str] = []
+
+    def run() -> None:
+        profiler = None
+        if profile:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+        try:
+            asyncio.run(kopf.operator(registry=registry, memo=kopf.Memo(config=config), standalone=True,
+                                      clusterwide=True, stop_flag=stop_flag, ready_flag=ready_flag))
+        except BaseException as exc:  # reported to the parent
+            errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(profile)
+
+    thread = threading.Thread(target=run, name="operator", daemon=True)
+    thread.start()
+    ready_flag.wait(30)
+    conn.send({"ready": ready_flag.is_set(), "rss": common.rss_now(), "errors": errors})
+    while True:
+        command = conn.recv()
+        reconciles = prometheus_client.REGISTRY.get_sample_value("chatbot_reconcile_duration_seconds_count") or 0
+        reconcile_seconds = prometheus_client.REGISTRY.get_sample_value("chatbot_reconcile_duration_seconds_sum") or 0
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        conn.send({"calls": dict(calls), "reconciles": int(reconciles), "reconcile_seconds": reconcile_seconds,
+                   "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss": common.peak_rss_self(),
+                   "rss": common.rss_now(), "errors": errors})
+        if command == "stop":
+            stop_flag.set()
+            thread.join(30)
+            return
+
+
+class Operator:
+    def __init__(self, kubeconfig: Path, profile: str | None = None) -> None:
+        import multiprocessing
+
+        os.environ["KUBECONFIG"] = str(kubeconfig)
+        os.environ.pop("KUBERNETES_SERVICE_HOST", None)
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=operator_process, args=(child, profile), daemon=True)
+
+    async def start(self) -> dict[str, Any]:
+        self.process.start()
+        ready = await asyncio.to_thread(self.conn.recv)
+        if not ready["ready"]:
+            raise RuntimeError(f"the operator did not start: {ready['errors']}")
+        return ready
+
+    async def ask(self, command: str = "stats") -> dict[str, Any]:
+        self.conn.send(command)
+        return await asyncio.to_thread(self.conn.recv)
+
+    async def stop(self) -> dict[str, Any]:
+        stats = await self.ask("stop")
+        await asyncio.to_thread(self.process.join, 30)
+        if self.process.is_alive():
+            self.process.kill()
+        return stats
+
+
+# ------------------------------------------------------------------------------ the emulator
+
+
+def bench_emulator_class():
+    """The tests' ClusterEmulator, keeping only the requests in flight in kmock's request log.
+
+    kmock matches every incoming request against its reactions by filtering the whole request
+    history (``request in payload._source``), so each request costs O(requests so far) and a
+    burst of thousands of requests O(n²): the emulator, not the operator, would be measured.
+    The API semantics are unchanged; only the (unused here) history is not kept.
+    """
+    from operator_support import ClusterEmulator
+
+    class BenchEmulator(ClusterEmulator):
+        async def _handle(self, request):
+            try:
+                return await super()._handle(request)
+            finally:
+                log = self._requests
+                for index in range(len(log) - 1, -1, -1):
+                    if log[index] is request:
+                        del log[index]
+                        break
+
+    return BenchEmulator
+
+
+# ------------------------------------------------------------------------------ one repeat
+
+
+async def settle(operator: Operator, quiet: float = 1.0, limit: float = 30.0) -> dict[str, Any]:
+    """Stats once the operator has finished reacting (no reconciliation for `quiet` seconds):
+    its CPU time then includes the status updates and events that follow the Job creations."""
+    stats = await operator.ask()
+    deadline = time.perf_counter() + limit
+    while time.perf_counter() < deadline:
+        await asyncio.sleep(quiet)
+        latest = await operator.ask()
+        if latest["reconciles"] == stats["reconciles"] and latest["calls"] == stats["calls"]:
+            return latest
+        stats = latest
+    return stats
+
+
+async def one_repeat(count: int, idle: int, timeout: float, verbose: bool = True,
+                     profile: str | None = None) -> dict[str, Any]:
+    import aiohttp
+    import kmock
+    import yaml
+    from kmock._internal import parsing as kmock_parsing
+
+    import operator_support
+    from chatbot_operator import manifests
+    from operator_support import JOBS, TRAININGS, Cluster
+
+    kmock_parsing.parse_path = operator_support._parse_path  # what the tests' fixture patches
+    created: dict[str, float] = {}
+    first_job: dict[str, float] = {}
+    arrived = asyncio.Event()
+    expected: set[str] = set()
+    trainings, jobs = kmock.resource(TRAININGS), kmock.resource(JOBS)
+
+    def stamp(request) -> None:
+        if request.method.value.upper() != "POST" or not isinstance(request.data, dict):
+            return
+        now = time.perf_counter()
+        meta = request.data.get("metadata") or {}
+        if request.resource == trainings:
+            created.setdefault(meta.get("name"), now)
+        elif request.resource == jobs:
+            owner = (meta.get("labels") or {}).get(manifests.LABEL_TRAINING)
+            if owner and owner not in first_job:
+                first_job[owner] = now
+                if expected and expected <= first_job.keys():
+                    arrived.set()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-operator-"))
+    async with bench_emulator_class()() as emulator, kmock.Server(emulator) as server:
+        emulator.register_builtins()
+        emulator.admission.append(stamp)
+        kubeconfig = tmp / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+            "clusters": [{"name": "emulator", "cluster": {"server": str(server.url).rstrip("/")}}],
+            "users": [{"name": "bench", "user": {"token": "bench-token"}}],
+            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "bench"}}],
+        }))
+        operator = Operator(kubeconfig, profile)
+        started = await operator.start()
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(base_url=str(server.url), connector=connector) as session:
+            cluster = Cluster(emulator, session)
+
+            async def wait_for(names: set[str]) -> None:
+                expected.clear()
+                expected.update(names)
+                arrived.clear()
+                deadline = time.perf_counter() + timeout
+                while not names <= first_job.keys():
+                    try:
+                        await asyncio.wait_for(arrived.wait(), 10)
+                    except asyncio.TimeoutError:
+                        if time.perf_counter() > deadline:
+                            raise TimeoutError(f"after {timeout} s only {len(names & first_job.keys())} of "
+                                               f"{len(names)} trainings have their first Job") from None
+                        if verbose:
+                            print(f"    … {len(names & first_job.keys())}/{len(names)} first Jobs, "
+                                  f"{len(created)} trainings created", flush=True)
+
+            # 1. one at a time, operator otherwise idle
+            idle_latency = []
+            for i in range(idle):
+                name = f"idle-{i}"
+                await cluster.apply_training(name, SPEC)
+                await wait_for({name})
+                idle_latency.append(first_job[name] - created[name])
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)
+
+            # 2. the burst
+            names = [f"bot-{i:03d}" for i in range(count)]
+            before = await operator.ask()
+            cpu_parent = time.process_time()
+            with common.RssSampler(operator.process.pid) as sampler:
+                burst_started = time.perf_counter()
+                await asyncio.gather(*(cluster.apply_training(n, SPEC) for n in names))
+                posted = time.perf_counter()
+                await wait_for(set(names))
+                finished = time.perf_counter()
+                after = await settle(operator)
+            emulator_cpu = time.process_time() - cpu_parent
+        stopped = await operator.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    latency = [first_job[n] - created[n] for n in names]
+    calls = {k: after["calls"].get(k, 0) - before["calls"].get(k, 0) for k in after["calls"]}
+    handler_calls = sum(calls.values())
+    reconciles = after["reconciles"] - before["reconciles"]
+    cpu = after["cpu_seconds"] - before["cpu_seconds"]
+    return {
+        "idle_p50": common.median(idle_latency),
+        "idle_latency": idle_latency,
+        "p50": common.percentile(latency, 50),
+        "p95": common.percentile(latency, 95),
+        "max": max(latency),
+        "all_first_jobs_s": max(first_job[n] for n in names) - burst_started,
+        "posting_s": posted - burst_started,
+        "operator_cpu_s": cpu,
+        "cpu_ms_per_reconcile": 1000 * cpu / reconciles if reconciles else None,
+        "cpu_ms_per_handler_call": 1000 * cpu / handler_calls if handler_calls else None,
+        "reconciles": reconciles,
+        "reconcile_wall_ms_mean": 1000 * (after["reconcile_seconds"] - before["reconcile_seconds"]) / reconciles
+        if reconciles else None,
+        "handler_calls": calls,
+        "operator_rss_start": started["rss"],
+        "operator_rss_before_burst": before["rss"],
+        "operator_peak_rss": max(stopped["peak_rss"], sampler.peak),
+        "operator_peak_rss_sampled": sampler.peak,
+        "emulator_cpu_s": emulator_cpu,
+        "burst_wall_s": finished - burst_started,
+        "errors": stopped["errors"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=200, help="trainings created at once")
+    parser.add_argument("--idle", type=int, default=5, help="trainings created one at a time first")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for the first Jobs")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="cProfile the operator during the last repeat (python -m pstats FILE)")
+    parser.add_argument("--quick", action="store_true", help="small sizes: checks that everything runs")
+    args = parser.parse_args()
+    if args.quick:
+        args.count, args.idle, args.repeats = 20, 2, 1
+    common.set_quiet_env(1)
+    os.environ.setdefault("CHATBOT_RESYNC_SECONDS", "60")
+
+    runs = []
+    for i in range(args.repeats):
+        started = time.perf_counter()
+        profile = args.profile if args.profile and i == args.repeats - 1 else None
+        result = asyncio.run(one_repeat(args.count, args.idle, args.timeout, profile=profile))
+        runs.append(result)
+        print(f"  repeat {i + 1}/{args.repeats}: {common.short(result)}, p95={result['p95']:.3f}, "
+              f"all={result['all_first_jobs_s']:.2f} s ({time.perf_counter() - started:.1f} s)", flush=True)
+
+    keys = ["idle_p50", "p50", "p95", "max", "all_first_jobs_s", "operator_cpu_s", "cpu_ms_per_reconcile",
+            "cpu_ms_per_handler_call", "reconciles", "reconcile_wall_ms_mean", "emulator_cpu_s"]
+    summary: dict[str, Any] = {k: common.median(r[k] for r in runs) for k in keys}
+    summary["operator_peak_rss_mib"] = common.mib(common.median(r["operator_peak_rss"] for r in runs))
+    summary["operator_rss_before_burst_mib"] = common.mib(common.median(r["operator_rss_before_burst"] for r in runs))
+    summary["handler_calls"] = runs[len(runs) // 2]["handler_calls"]
+    summary["p95_at_count_over_p50_at_1"] = common.ratio(summary["p95"], summary["idle_p50"])
+
+    rows = [
+        ["first Job latency, idle (p50 of 1 at a time)", f"{summary['idle_p50'] * 1000:.0f} ms"],
+        [f"first Job latency, burst of {args.count}: p50", f"{summary['p50']:.2f} s"],
+        [f"first Job latency, burst of {args.count}: p95", f"{summary['p95']:.2f} s"],
+        [f"first Job latency, burst of {args.count}: max", f"{summary['max']:.2f} s"],
+        [f"all {args.count} have their first Job", f"{summary['all_first_jobs_s']:.2f} s"],
+        ["operator peak RSS", f"{summary['operator_peak_rss_mib']:.0f} MiB "
+                              f"({summary['operator_rss_before_burst_mib']:.0f} MiB before the burst)"],
+        ["operator CPU time for the burst", f"{summary['operator_cpu_s']:.2f} s"],
+        ["reconciliations during the burst", f"{summary['reconciles']:.0f}"],
+        ["CPU per reconcile (operator CPU / reconciles)", f"{summary['cpu_ms_per_reconcile']:.1f} ms"],
+        ["CPU per handler call", f"{summary['cpu_ms_per_handler_call']:.1f} ms"],
+        ["emulator CPU time (same machine)", f"{summary['emulator_cpu_s']:.2f} s"],
+        [f"ratio p95 at {args.count} / p50 at 1", f"{summary['p95_at_count_over_p50_at_1']:.1f}x"],
+    ]
+    print()
+    print(common.table(["figure", "value"], rows))
+    print(f"handler calls during the burst: {json.dumps(summary['handler_calls'])}")
+    data = {
+        "benchmark": "operator_scale",
+        "machine": common.machine_info(),
+        "versions": common.package_versions(["kopf", "kmock", "aiohttp", "kubernetes"]),
+        "settings": vars(args),
+        "summary": summary,
+        "runs": runs,
+    }
+    path = common.write_results("operator_scale", data, quick=args.quick)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,402 @@
+"""Training throughput: our train step vs Hugging Face TRL's SFTTrainer, same everything.
+
+Both sides fine-tune the same base model (saved once with save_pretrained, LoRA only) on the
+same conversations (the prepare step's train split of a synthetic chat set), with the same
+maxSeqLength, micro-batch × gradient accumulation, LoRA rank/alpha/dropout/targets,
+optimizer (AdamW), schedule, precision and loss (assistant tokens only), for the same number
+of optimizer steps. Each run is a fresh process; sides alternate; medians are reported.
+
+- ours: ``chatbot_trainer.training.train`` in a workspace made by the real prepare and
+  configure steps (packing with per-example attention, loss on assistant positions only).
+- TRL padded: ``SFTTrainer`` with ``packing=False`` (its default: right-padded batches).
+- TRL packed: ``SFTTrainer`` with ``packing=True`` (best-fit decreasing, padding-free).
+
+Gradient checkpointing is off on both sides (TRL turns it on by default; ours does not use it);
+``--trl-gradient-checkpointing`` measures TRL with it.
+
+tokens/s counts real (non-padding) tokens over fixed windows of optimizer steps after a
+warm-up window: ours from its own ``train/metrics.jsonl`` (one record per window), TRL from
+its own token counter (``_total_train_tokens``) read at the end of each step. Memory: peak
+RSS of the process (CPU), ``torch.cuda.max_memory_allocated`` (GPU).
+
+CPU (default): the ``scratch-llama`` shape (~1M parameters), fp32.
+GPU: ``--model-shape qwen2-0.5b --device cuda --dtype bf16`` (or ``llama-1b``): the real
+architecture built from its config with random weights; MFU = 6·N·tokens/s / peak FLOP/s with
+N the parameters that do matrix multiplies (all but the input embedding) and the GPU's peak
+dense bf16 FLOP/s (``--peak-tflops``, default from the GPU's name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+# Architectures the benchmark can build from a config (random weights).
+SHAPES: dict[str, dict[str, Any]] = {
+    # chatbot_trainer.models.SCRATCH_LLAMA
+    "scratch-llama": dict(arch="llama", hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=2048,
+                          tie_word_embeddings=False),
+    "smollm-135m": dict(arch="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                        tie_word_embeddings=True, rope_theta=100000.0),
+    "qwen2-0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                       tie_word_embeddings=True, rope_theta=1000000.0),
+    "llama-1b": dict(arch="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                     tie_word_embeddings=True, rope_theta=500000.0),
+}
+
+# Peak dense bf16 tensor FLOP/s (TFLOP/s), by a substring of torch.cuda.get_device_name().
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+               "A10": 125.0, "4090": 165.0, "3090": 71.0, "V100": 125.0, "T4": 65.0}
+
+
+# ------------------------------------------------------------------------------ setup
+
+
+def build_base_model(out_dir: Path, shape: str, texts_file: Path, max_positions: int, num_layers: int | None,
+                     dtype: str) -> dict[str, Any]:
+    """Tokenizer trained on the data (ChatML template) + a model of `shape` with random weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from chatbot_trainer.models import build_scratch_tokenizer, conversation_texts
+
+    conversations = [json.loads(line) for line in texts_file.read_text().splitlines()]
+    tokenizer = build_scratch_tokenizer(conversation_texts(conversations), 2048)
+    spec = dict(SHAPES[shape])
+    arch = spec.pop("arch")
+    spec["vocab_size"] = max(spec["vocab_size"], len(tokenizer))  # rows past the tokenizer stay unused
+    if num_layers:
+        spec["num_hidden_layers"] = num_layers
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    config_cls = Qwen2Config if arch == "qwen2" else LlamaConfig
+    config = config_cls(max_position_embeddings=max(max_positions, 64), rms_norm_eps=1e-6, **spec, **special)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    embedding = model.get_input_embeddings().weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    return {"shape": shape, "architecture": arch, "params": total, "matmul_params": total - embedding
+            + (embedding if config.tie_word_embeddings else 0), "layers": config.num_hidden_layers,
+            "vocab_size": config.vocab_size, "tokenizer_size": len(tokenizer)}
+
+
+def make_workspace(workspace: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The real prepare and configure steps (ours and TRL then read the same train split)."""
+    from chatbot_trainer.params import trainer_params
+    from chatbot_trainer.steps import run_step
+    from chatbot_trainer.workspace import StepContext
+
+    ctx = StepContext(workspace=workspace, params=trainer_params(config), name="bench")
+    prepared = run_step("prepare", ctx, termination_log=os.devnull)
+    configured = run_step("configure", ctx, termination_log=os.devnull)
+    return {"train": prepared["report"]["train"], "device": configured["device"],
+            "precision": configured["precision"], "micro_batch_size": configured["micro_batch_size"],
+            "gradient_accumulation_steps": configured["gradient_accumulation_steps"],
+            "target_modules": configured["target_modules"]}
+
+
+def _window_rates(points: list[tuple[float, int]], window: int) -> list[float]:
+    """tokens/s of consecutive windows of `window` steps from (time, cumulative tokens) per step."""
+    rates = []
+    for end in range(2 * window, len(points) + 1, window):
+        (t0, n0), (t1, n1) = points[end - window - 1], points[end - 1]
+        rates.append((n1 - n0) / (t1 - t0))
+    return rates
+
+
+def _cuda_peak(device: str) -> int | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated())
+
+
+# ------------------------------------------------------------------------------ the two sides
+
+
+def run_ours(workspace: str, config: dict[str, Any], window: int, threads: int) -> dict[str, Any]:
+    common.set_quiet_env(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    import peft  # noqa: F401 - imported before the baseline RSS is read, as on the TRL side
+    import transformers  # noqa: F401
+
+    from chatbot_trainer.params import trainer_params
+    from chatbot_trainer.training import train
+    from chatbot_trainer.workspace import StepContext
+
+    ws = Path(workspace)
+    shutil.rmtree(ws / "train", ignore_errors=True)  # never resume an earlier repeat
+    ctx = StepContext(workspace=ws, params=trainer_params(config), name="bench")
+    rss_start = common.rss_now()
+    started = time.perf_counter()
+    with common.RssSampler() as sampler:
+        result = train(ctx)
+    seconds = time.perf_counter() - started
+    device = result["device"]
+    records = [json.loads(line) for line in (ws / "train" / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_second"] for r in records if r["step"] >= 2 * window]
+    shutil.rmtree(ws / "train", ignore_errors=True)
+    return {
+        "tokens_per_s": common.median(rates),
+        "window_rates": rates,
+        "peak_rss_phase": sampler.peak,
+        "rss_start": rss_start,
+        "cuda_peak": _cuda_peak(device),
+        "seconds_total": seconds,
+        "train_tokens": result["train_tokens"],
+        "fill_ratio": result["data"]["fill_ratio"],
+        "attention": result["attention"],
+        "final_loss": result["final_loss"],
+        "trainable_params": result["trainable_params"],
+    }
+
+
+def run_trl(base_dir: str, train_file: str, config: dict[str, Any], target_modules: list[str], packing: bool,
+            window: int, threads: int, device: str, dtype: str, gradient_checkpointing: bool) -> dict[str, Any]:
+    common.set_quiet_env(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [json.loads(line) for line in Path(train_file).read_text().splitlines() if line.strip()]
+    dataset = Dataset.from_list(rows)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    rss_start = common.rss_now()
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, attn_implementation="sdpa")
+    lora = config["lora"]
+    micro = config["microBatchSize"]
+    steps = config["trainingSteps"]
+    out = tempfile.mkdtemp(prefix="trl-bench-")
+    args = SFTConfig(
+        output_dir=out,
+        max_steps=steps,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=config["batchSize"] // micro,
+        learning_rate=config["learningRate"],
+        lr_scheduler_type="cosine",
+        warmup_steps=config["warmupSteps"],
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_length=config["maxSeqLength"],
+        packing=packing,
+        assistant_only_loss=True,
+        gradient_checkpointing=gradient_checkpointing,
+        bf16=dtype == "bf16",
+        fp16=False,
+        use_cpu=device == "cpu",
+        logging_steps=10**9,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=config["seed"],
+    )
+    points: list[tuple[float, int]] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # after optimizer.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            points.append((time.perf_counter(), int(trainer._total_train_tokens)))
+
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                               target_modules=target_modules, task_type="CAUSAL_LM"),
+        callbacks=[StepClock()],
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # no end-of-training log line
+    started = time.perf_counter()
+    with common.RssSampler() as sampler:
+        output = trainer.train()
+    seconds = time.perf_counter() - started
+    rates = _window_rates(points, window)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "tokens_per_s": common.median(rates),
+        "window_rates": rates,
+        "peak_rss_phase": sampler.peak,
+        "rss_start": rss_start,
+        "cuda_peak": _cuda_peak(device),
+        "seconds_total": seconds,
+        "train_tokens": int(trainer._total_train_tokens),
+        "final_loss": output.training_loss,
+        "trainable_params": trainable,
+    }
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-shape", choices=sorted(SHAPES), default="scratch-llama")
+    parser.add_argument("--num-layers", type=int, help="override the shape's layer count (smoke tests)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: fp32 on CPU, bf16 on GPU")
+    parser.add_argument("--conversations", type=int, default=4000, help="synthetic conversations")
+    parser.add_argument("--max-seq-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
+    parser.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward pass")
+    parser.add_argument("--window", type=int, default=4, help="optimizer steps per timed window")
+    parser.add_argument("--windows", type=int, default=3, help="timed windows after one warm-up window")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side (alternating)")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 1))
+    parser.add_argument("--peak-tflops", type=float, help="GPU peak dense bf16 TFLOP/s (for MFU)")
+    parser.add_argument("--no-trl-packed", action="store_true", help="skip the TRL packing=True baseline")
+    parser.add_argument("--trl-gradient-checkpointing", action="store_true",
+                        help="TRL with gradient checkpointing (its default) instead of without")
+    parser.add_argument("--workdir", help="where data, model and workspace go (default: a temporary directory)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
+    args = parser.parse_args()
+    if args.quick:
+        args.conversations, args.window, args.windows, args.repeats = 300, 2, 1, 1
+        args.max_seq_length = min(args.max_seq_length, 256)
+    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    common.set_quiet_env(args.threads)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data_file = common.write_jsonl(work / "chats.jsonl", common.synthetic_conversations(
+        args.conversations, seed=1, max_words=int(args.max_seq_length * 0.55)))
+    base_dir = work / "base-model"
+    model_info, _ = common.run_isolated(build_base_model, base_dir, args.model_shape, data_file,
+                                        args.max_seq_length, args.num_layers, dtype)
+    steps = args.window * (args.windows + 1)
+    config: dict[str, Any] = {
+        "trainingData": str(data_file),
+        "modelType": str(base_dir),
+        "trainingSteps": steps,
+        "batchSize": args.batch_size,
+        "microBatchSize": args.micro_batch_size,
+        "learningRate": 2e-4,
+        "maxSeqLength": args.max_seq_length,
+        "packing": True,
+        "precision": dtype if args.device == "cuda" else "fp32",
+        "warmupSteps": 1,
+        "logEvery": args.window,
+        "checkpointEvery": 10**6,
+        "seed": 42,
+        "lora": {"rank": 16, "alpha": 32, "dropout": 0.05},
+        "data": {"evalFraction": 0.05},
+        "evaluation": {},
+    }
+    workspace = work / "workspace"
+    shutil.rmtree(workspace, ignore_errors=True)
+    plan, _ = common.run_isolated(make_workspace, workspace, config)
+    if plan["device"] != args.device:
+        raise SystemExit(f"configure chose device {plan['device']}, not {args.device}")
+    train_file = str(workspace / "prepare" / "train.jsonl")
+    print(f"model {model_info}; {plan['train']} training conversations; plan {plan}", flush=True)
+
+    def ours(_: int) -> dict[str, Any]:
+        result, peak = common.run_isolated(run_ours, str(workspace), config, args.window, args.threads)
+        return {**result, "peak_rss": peak}
+
+    def trl(packing: bool):
+        def side(_: int) -> dict[str, Any]:
+            result, peak = common.run_isolated(run_trl, str(base_dir), train_file, config, plan["target_modules"],
+                                               packing, args.window,
+                                               args.threads, args.device, dtype, args.trl_gradient_checkpointing)
+            return {**result, "peak_rss": peak}
+        return side
+
+    sides = {"trl_padded": trl(False), "ours": ours}
+    if not args.no_trl_packed:
+        sides["trl_packed"] = trl(True)
+    runs = common.alternate(sides, args.repeats)
+
+    summary: dict[str, dict[str, Any]] = {}
+    for name, results in runs.items():
+        summary[name] = {
+            "tokens_per_s": common.median(r["tokens_per_s"] for r in results),
+            "peak_rss_mib": common.mib(common.median(r["peak_rss"] for r in results)),
+            "rss_growth_mib": common.mib(common.median(r["peak_rss_phase"] - r["rss_start"] for r in results)),
+            "cuda_peak_mib": common.mib(common.median(r["cuda_peak"] for r in results))
+            if args.device == "cuda" else None,
+            "final_loss": common.median(r["final_loss"] for r in results),
+            "trainable_params": results[0]["trainable_params"],
+        }
+    peak_tflops = args.peak_tflops
+    if args.device == "cuda" and peak_tflops is None:
+        import torch
+
+        name = torch.cuda.get_device_name(0)
+        peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    for name, s in summary.items():
+        s["mfu"] = (6 * model_info["matmul_params"] * s["tokens_per_s"] / (peak_tflops * 1e12)
+                    if peak_tflops else None)
+    base = summary["trl_padded"]
+    ratios = {f"ours_vs_{name}": common.ratio(summary["ours"]["tokens_per_s"], s["tokens_per_s"])
+              for name, s in summary.items() if name != "ours"}
+    memory_key = "cuda_peak_mib" if args.device == "cuda" else "peak_rss_mib"
+    memory_ratios = {f"ours_vs_{name}": common.ratio(summary["ours"][memory_key], s[memory_key])
+                     for name, s in summary.items() if name != "ours"}
+
+    headers = ["side", "tokens/s", "peak RSS MiB", "RSS growth MiB", "GPU peak MiB", "MFU", "loss", "trainable"]
+    rows = [[name, s["tokens_per_s"], s["peak_rss_mib"], s["rss_growth_mib"], s["cuda_peak_mib"],
+             s["mfu"], s["final_loss"], s["trainable_params"]] for name, s in summary.items()]
+    print()
+    print(common.table(headers, rows))
+    print()
+    for key, value in ratios.items():
+        print(f"tokens/s ratio {key}: {value:.2f}x   ({memory_key} ratio {memory_ratios[key]:.2f})")
+    data = {
+        "benchmark": "train_throughput",
+        "machine": common.machine_info(),
+        "versions": common.package_versions(["torch", "transformers", "peft", "trl", "datasets", "accelerate"]),
+        "settings": {**vars(args), "dtype": dtype, "steps": steps, "config": config, "plan": plan,
+                     "peak_tflops": peak_tflops},
+        "model": model_info,
+        "summary": summary,
+        "ratios_tokens_per_s": ratios,
+        f"ratios_{memory_key}": memory_ratios,
+        "runs": runs,
+    }
+    default = args.model_shape == "scratch-llama" and args.device == "cpu" and not args.num_layers
+    layers = f"-{args.num_layers}layer" if args.num_layers else ""
+    name = "train_throughput" + ("" if default else f"_{args.model_shape}{layers}_{args.device}")
+    path = common.write_results(name, data, quick=args.quick)
+    print(f"results: {path}")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
