@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 import multiprocessing
 import os
 import platform
@@ -315,6 +316,15 @@ def write_results(name: str, data: dict[str, Any], quick: bool = False) -> Path:
     path = RESULTS_DIR / (f"{name}.quick.json" if quick else f"{name}.json")
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return path
+
+
+def finish(name: str, data: dict[str, Any], *, quick: bool, work: Path, keep: bool) -> int:
+    """Write the results, say where, and remove the scratch folder unless it was given."""
+    path = write_results(name, data, quick=quick)
+    print(f"results: {path}")
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
 
 
 def fmt(value: Any, digits: int = 3) -> str:

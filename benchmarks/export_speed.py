@@ -182,11 +182,7 @@ def main() -> int:
         "speedups_vs_gguf_numpy": speedups,
         "runs": runs,
     }
-    path = common.write_results("export_speed", data, quick=args.quick)
-    print(f"results: {path}")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return common.finish("export_speed", data, quick=args.quick, work=work, keep=bool(args.workdir))
 
 
 if __name__ == "__main__":

@@ -214,11 +214,7 @@ def main() -> int:
     }
     name = "prepare_throughput" + ("_tokenizer_threads" if args.tokenizer_threads else "")
     data["settings"]["tokenizers_parallelism"] = os.environ.get("TOKENIZERS_PARALLELISM")
-    path = common.write_results(name, data, quick=args.quick)
-    print(f"results: {path}")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return common.finish(name, data, quick=args.quick, work=work, keep=bool(args.workdir))
 
 
 if __name__ == "__main__":

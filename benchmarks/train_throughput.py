@@ -391,11 +391,7 @@ def main() -> int:
     default = args.model_shape == "scratch-llama" and args.device == "cpu" and not args.num_layers
     layers = f"-{args.num_layers}layer" if args.num_layers else ""
     name = "train_throughput" + ("" if default else f"_{args.model_shape}{layers}_{args.device}")
-    path = common.write_results(name, data, quick=args.quick)
-    print(f"results: {path}")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return common.finish(name, data, quick=args.quick, work=work, keep=bool(args.workdir))
 
 
 if __name__ == "__main__":
