@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import json
 import math
 import random
 from pathlib import Path
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-torch.set_num_threads(1)
-
-from chatbot_api.spec import TrainingParams  # noqa: E402
-from chatbot_trainer import evaluation  # noqa: E402
-from chatbot_trainer.errors import QualityThresholdNotMet  # noqa: E402
-from chatbot_trainer.evaluation import evaluate_model  # noqa: E402
-from chatbot_trainer.models import (  # noqa: E402
+from chatbot_api.spec import TrainingParams
+from chatbot_trainer import evaluation
+from chatbot_trainer.errors import QualityThresholdNotMet
+from chatbot_trainer.evaluation import evaluate_model
+from chatbot_trainer.models import (
     TINY_GPT,
     TINY_LLAMA,
     build_scratch_model,
@@ -30,8 +23,8 @@ from chatbot_trainer.models import (  # noqa: E402
     materialize_base_model,
     resolve_base_model,
 )
-from chatbot_trainer.tokenization import tokenize_dataset  # noqa: E402
-from chatbot_trainer.workspace import StepContext  # noqa: E402
+from chatbot_trainer.tokenization import tokenize_dataset
+from chatbot_trainer.workspace import StepContext
 
 
 def conversations(n: int, seed: int) -> list[dict]:

@@ -28,16 +28,15 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch = pytest.importorskip("torch")
-gguf = pytest.importorskip("gguf")
+import gguf
+import torch
 
-from chatbot_api.spec import TrainingParams  # noqa: E402
-from chatbot_trainer import gguf_writer, models  # noqa: E402
-from chatbot_trainer import modelfile as mf  # noqa: E402
-from chatbot_trainer.errors import StepError, UnsupportedArchitecture  # noqa: E402
-from chatbot_trainer.steps import run_step  # noqa: E402
-from chatbot_trainer.workspace import StepContext  # noqa: E402
+from chatbot_api.spec import TrainingParams
+from chatbot_trainer import gguf_writer, models
+from chatbot_trainer import modelfile as mf
+from chatbot_trainer.errors import StepError, UnsupportedArchitecture
+from chatbot_trainer.steps import run_step
+from chatbot_trainer.workspace import StepContext
 
 torch.set_num_threads(1)
 
@@ -267,7 +266,6 @@ def _last_logits(llm, ids):
 @pytest.mark.llama_cpp
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
 def test_llama_cpp_tokenizes_decodes_and_stops_like_hf(run, tokenizer, quant):
-    pytest.importorskip("llama_cpp")
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     llm = _llama(_gguf_path(run, quant))
@@ -313,7 +311,6 @@ def test_llama_cpp_tokenizes_decodes_and_stops_like_hf(run, tokenizer, quant):
 @pytest.mark.llama_cpp
 @pytest.mark.parametrize("quant", ["f32", "bf16", "q4_0"])
 def test_other_quantizations_run_in_llama_cpp(run, tokenizer, quant, tmp_path):
-    pytest.importorskip("llama_cpp")
     info = gguf_writer.write_gguf(run["result"]["merged_path"], tmp_path / f"m.{quant}.gguf", quant)
     assert quant.upper() in info.tensor_types
     llm = _llama(info.path)
@@ -389,7 +386,6 @@ def test_qwen2_with_biases_and_tied_embeddings_loads_in_transformers(qwen2, toke
 
 @pytest.mark.llama_cpp
 def test_qwen2_in_llama_cpp(qwen2, tokenizer):
-    pytest.importorskip("llama_cpp")
     model, info = qwen2
     ids = _chat_ids(tokenizer, PROBES[2])
     llm = _llama(info.path)
@@ -414,7 +410,6 @@ LLAMA_FAMILY = {
 @pytest.mark.llama_cpp
 @pytest.mark.parametrize("shape", sorted(LLAMA_FAMILY))
 def test_llama_family_shapes_in_llama_cpp(shape, tokenizer, tmp_path):
-    pytest.importorskip("llama_cpp")
     import transformers
 
     class_name, extra = LLAMA_FAMILY[shape]
@@ -476,7 +471,6 @@ def _pre_tokenizer(kind):
 @pytest.mark.llama_cpp
 @pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2", "smollm"])
 def test_pre_tokenizers_tokenize_like_hf_in_llama_cpp(pre, tmp_path):
-    pytest.importorskip("llama_cpp")
     from transformers import LlamaConfig
 
     tok = _tokenizer_with(_pre_tokenizer(pre))

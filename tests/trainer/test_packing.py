@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import random
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-torch.set_num_threads(1)
-
-from chatbot_trainer.evaluation import token_loss_sums  # noqa: E402
-from chatbot_trainer.models import TINY_GPT, TINY_LLAMA, build_scratch_model, build_scratch_tokenizer  # noqa: E402
-from chatbot_trainer.packing import (  # noqa: E402
+from chatbot_trainer.evaluation import token_loss_sums
+from chatbot_trainer.models import TINY_GPT, TINY_LLAMA, build_scratch_model, build_scratch_tokenizer
+from chatbot_trainer.packing import (
     SEGMENTS_ATTENTION,
     attn_implementation,
     build_sequences,
@@ -33,7 +26,7 @@ from chatbot_trainer.packing import (  # noqa: E402
     set_attn_implementation,
     register_segments_attention,
 )
-from chatbot_trainer.tokenization import IGNORE_INDEX  # noqa: E402
+from chatbot_trainer.tokenization import IGNORE_INDEX
 
 ARCHS = {"gpt2": TINY_GPT, "llama": TINY_LLAMA}
 

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-torch.set_num_threads(1)
-
-from chatbot_trainer import tokenization as T  # noqa: E402
-from chatbot_trainer.models import CHATML_TEMPLATE, build_scratch_tokenizer, conversation_texts  # noqa: E402
-from chatbot_trainer.tokenization import IGNORE_INDEX, tokenize_conversation, tokenize_dataset  # noqa: E402
+from chatbot_trainer import tokenization as T
+from chatbot_trainer.models import CHATML_TEMPLATE, build_scratch_tokenizer, conversation_texts
+from chatbot_trainer.tokenization import IGNORE_INDEX, tokenize_conversation, tokenize_dataset
 
 PLAIN_CHATML = CHATML_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 # Same output as CHATML_TEMPLATE, but not the same string: exercises the Jinja renderer.

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import json
 import random
 from pathlib import Path
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-torch.set_num_threads(1)
-
-from chatbot_api.spec import TrainingParams  # noqa: E402
-from chatbot_trainer.models import materialize_base_model, resolve_base_model  # noqa: E402
-from chatbot_trainer.workspace import StepContext  # noqa: E402
+from chatbot_api.spec import TrainingParams
+from chatbot_trainer.models import materialize_base_model, resolve_base_model
+from chatbot_trainer.workspace import StepContext
 
 
 def counting_conversations(n: int, seed: int) -> list[dict]:
