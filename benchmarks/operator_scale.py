@@ -203,8 +203,26 @@ async def settle(operator: Operator, quiet: float = 1.0, limit: float = 30.0) ->
     return stats
 
 
+async def one_recheck_round(operator: Operator, count: int, limit: float) -> dict[str, Any]:
+    """Operator CPU for one round of the periodic re-check of `count` unfinished trainings
+    (each training's timer fires once per CHATBOT_RESYNC_SECONDS; those of a burst together)."""
+    before = await operator.ask()
+    deadline = time.perf_counter() + limit
+    while time.perf_counter() < deadline:
+        await asyncio.sleep(0.5)
+        stats = await operator.ask()
+        if stats["calls"].get("recheck_training", 0) - before["calls"].get("recheck_training", 0) >= count:
+            break
+    after = await settle(operator)
+    checks = after["calls"].get("recheck_training", 0) - before["calls"].get("recheck_training", 0)
+    cpu = after["cpu_seconds"] - before["cpu_seconds"]
+    return {"recheck_calls": checks, "recheck_cpu_s": cpu,
+            "recheck_reconciles": after["reconciles"] - before["reconciles"],
+            "recheck_cpu_ms_per_training": 1000 * cpu / checks if checks else None}
+
+
 async def one_repeat(count: int, idle: int, timeout: float, verbose: bool = True,
-                     profile: str | None = None) -> dict[str, Any]:
+                     profile: str | None = None, recheck: float | None = None) -> dict[str, Any]:
     import aiohttp
     import kmock
     import yaml
@@ -290,6 +308,7 @@ async def one_repeat(count: int, idle: int, timeout: float, verbose: bool = True
                 finished = time.perf_counter()
                 after = await settle(operator)
             emulator_cpu = time.process_time() - cpu_parent
+            rechecked = await one_recheck_round(operator, count, recheck) if recheck else {}
         stopped = await operator.stop()
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -320,6 +339,7 @@ async def one_repeat(count: int, idle: int, timeout: float, verbose: bool = True
         "emulator_cpu_s": emulator_cpu,
         "burst_wall_s": finished - burst_started,
         "errors": stopped["errors"],
+        **rechecked,
     }
 
 
@@ -331,18 +351,23 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for the first Jobs")
     parser.add_argument("--profile", metavar="FILE",
                         help="cProfile the operator during the last repeat (python -m pstats FILE)")
+    parser.add_argument("--resync", type=float, default=60.0,
+                        help="CHATBOT_RESYNC_SECONDS of the operator (its re-check period)")
+    parser.add_argument("--recheck", action="store_true",
+                        help="after the burst, also measure one re-check round of all trainings")
     parser.add_argument("--quick", action="store_true", help="small sizes: checks that everything runs")
     args = parser.parse_args()
     if args.quick:
         args.count, args.idle, args.repeats = 20, 2, 1
     common.set_quiet_env(1)
-    os.environ.setdefault("CHATBOT_RESYNC_SECONDS", "60")
+    os.environ["CHATBOT_RESYNC_SECONDS"] = str(args.resync)
 
     runs = []
     for i in range(args.repeats):
         started = time.perf_counter()
         profile = args.profile if args.profile and i == args.repeats - 1 else None
-        result = asyncio.run(one_repeat(args.count, args.idle, args.timeout, profile=profile))
+        result = asyncio.run(one_repeat(args.count, args.idle, args.timeout, profile=profile,
+                                        recheck=args.resync + 60 if args.recheck else None))
         runs.append(result)
         print(f"  repeat {i + 1}/{args.repeats}: {common.short(result)}, p95={result['p95']:.3f}, "
               f"all={result['all_first_jobs_s']:.2f} s ({time.perf_counter() - started:.1f} s)", flush=True)
@@ -354,6 +379,10 @@ def main() -> int:
     summary["operator_rss_before_burst_mib"] = common.mib(common.median(r["operator_rss_before_burst"] for r in runs))
     summary["handler_calls"] = runs[len(runs) // 2]["handler_calls"]
     summary["p95_at_count_over_p50_at_1"] = common.ratio(summary["p95"], summary["idle_p50"])
+    summary["cpu_ms_per_training"] = 1000 * summary["operator_cpu_s"] / args.count
+    if args.recheck:
+        for key in ("recheck_cpu_s", "recheck_cpu_ms_per_training", "recheck_reconciles"):
+            summary[key] = common.median(r[key] for r in runs)
 
     rows = [
         ["first Job latency, idle (p50 of 1 at a time)", f"{summary['idle_p50'] * 1000:.0f} ms"],
@@ -365,11 +394,18 @@ def main() -> int:
                               f"({summary['operator_rss_before_burst_mib']:.0f} MiB before the burst)"],
         ["operator CPU time for the burst", f"{summary['operator_cpu_s']:.2f} s"],
         ["reconciliations during the burst", f"{summary['reconciles']:.0f}"],
+        ["CPU per training (operator CPU / trainings)", f"{summary['cpu_ms_per_training']:.1f} ms"],
         ["CPU per reconcile (operator CPU / reconciles)", f"{summary['cpu_ms_per_reconcile']:.1f} ms"],
         ["CPU per handler call", f"{summary['cpu_ms_per_handler_call']:.1f} ms"],
         ["emulator CPU time (same machine)", f"{summary['emulator_cpu_s']:.2f} s"],
         [f"ratio p95 at {args.count} / p50 at 1", f"{summary['p95_at_count_over_p50_at_1']:.1f}x"],
     ]
+    if args.recheck:
+        rows += [
+            [f"one re-check round of {args.count} trainings: operator CPU",
+             f"{summary['recheck_cpu_s']:.2f} s ({summary['recheck_cpu_ms_per_training']:.1f} ms "
+             f"per training, {summary['recheck_reconciles']:.0f} reconciliations)"],
+        ]
     print()
     print(common.table(["figure", "value"], rows))
     print(f"handler calls during the burst: {json.dumps(summary['handler_calls'])}")

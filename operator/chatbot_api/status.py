@@ -33,6 +33,8 @@ class Metrics(ApiModel):
     accuracy: float | None = Field(None, description="Next-token accuracy on assistant tokens.")
     perplexity: float | None = Field(None, description="exp(eval loss).")
     train_loss: float | None = Field(None, description="Final training loss.")
+    base_loss: float | None = Field(None, description="Eval loss of the base model before fine-tuning.")
+    base_accuracy: float | None = Field(None, description="Assistant-token accuracy of the base model.")
 
 
 class ModelFile(ApiModel):

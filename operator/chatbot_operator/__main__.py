@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import chatbot_operator.handlers  # noqa: F401 - registers the handlers
 
-    kopf.configure(verbose=args.verbose, quiet=args.quiet)
+    # Name the object on every line about one, as `kopf run` does.
+    kopf.configure(verbose=args.verbose, quiet=args.quiet, log_prefix=True)
     kopf.run(memo=kopf.Memo(config=config), **kopf_options(config))
     return 0
 

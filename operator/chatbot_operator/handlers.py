@@ -2,11 +2,14 @@
 
 Run with `chatbot-operator` (see `__main__.py`) or `kopf run -m chatbot_operator.handlers`.
 
-All handlers funnel into one idempotent `Reconciler.reconcile()`:
-- create / resume / spec update of a ChatbotTraining (retried with backoff by Kopf),
+All handlers funnel into one idempotent `Reconciler.reconcile()` (see reconciler.py):
+- every event of a training (its creation, a spec change, the initial listing when the
+  operator starts), at once: the first step's Job is created from the training's first event;
 - events of its step Jobs and Pods (label `chatbot.dev/training`), so a finished step
-  starts the next one at once,
+  starts the next one at once;
 - a timer re-checking each unfinished training every CHATBOT_RESYNC_SECONDS.
+Events that bring nothing new to a training (e.g. its own status update) are skipped, and
+API errors are tried again with exponential backoff by the reconciler.
 
 Deletion: the ConfigMap and the Jobs (and through them the Pods) have a controller
 ownerReference to the training, as has the workspace claim with reclaimPolicy Delete, so
@@ -16,7 +19,8 @@ on unfinished trainings because of the re-check timer, and removes it when it se
 deletion (or the training finishes), so deleting a training needs the operator running.
 
 Status is written to the status subresource by the reconciler (merge patch); handlers
-return nothing, so Kopf keeps only its bookkeeping annotations (prefix `chatbot.dev/`).
+return nothing. With peering, the operator creates its peering object at startup, so the
+install manifests hold no object of a kind they define themselves.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ import kopf
 
 from chatbot_api.spec import GROUP, PLURAL, VERSION
 
-from chatbot_operator import kube, manifests, metrics
+from chatbot_operator import kube, logs, manifests, metrics
 from chatbot_operator.progress import TERMINAL_PHASES
-from chatbot_operator.reconciler import Reconciler
+from chatbot_operator.reconciler import Reconciler, retry_delay
 from chatbot_operator.settings import OperatorConfig, resync_seconds_from_env
 
 FINALIZER = f"{GROUP}/finalizer"
@@ -42,6 +46,7 @@ RESYNC_SECONDS = resync_seconds_from_env()
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
     """Operator-specific Kopf settings (tests set their own timings on the same object)."""
     settings.persistence.finalizer = FINALIZER
+    # Kopf keeps its bookkeeping (of the timer's retries) in annotations with our prefix.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
@@ -60,41 +65,41 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any,
         config = OperatorConfig.from_env()
     memo.config = config
     configure_kopf(settings)
+    logs.quiet_routine_successes()
     memo.kube = kube.KubeClient()
     memo.reconciler = Reconciler(memo.kube, config)
     memo.metrics_runner = None
+    if settings.peering.mandatory and not settings.peering.standalone:
+        await ensure_peering(memo.kube, settings.peering.name,
+                             None if settings.peering.clusterwide else config.namespaces, logger)
     if config.metrics_port >= 0:
         memo.metrics_runner, memo.metrics_port = await metrics.start_server(config.metrics_port)
         logger.info(f"Serving Prometheus metrics on port {memo.metrics_port} at /metrics")
 
 
+async def ensure_peering(client: kube.KubeClient, name: str,
+                         namespaces: tuple[str, ...] | None, logger: Any) -> None:
+    """Create the peering object(s) the replicas meet in (Kopf's CRDs, shipped with the chart),
+    unless they exist. Before Kopf starts watching: it pauses while its peering object is
+    missing. None: cluster-wide (ClusterKopfPeering), else a KopfPeering per namespace."""
+    for path, body in manifests.peering_objects(name, namespaces):
+        try:
+            if await client.create(path, body) is not None:
+                logger.info(f"Created {body['kind']} {name} for the operator's replicas")
+        except kube.ApiError as exc:
+            hint = (" (are Kopf's peering CRDs installed? The chart ships them)"
+                    if exc.status == 404 else "")
+            logger.error(f"Cannot create {body['kind']} {name}{hint}: {exc}")
+
+
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("reconciler") is not None:
+        memo.reconciler.close()
     if memo.get("metrics_runner") is not None:
         await memo.metrics_runner.cleanup()
     if memo.get("kube") is not None:
         await memo.kube.close()
-
-
-def _retry_delay(retry: int) -> float:
-    return float(min(60, 2 ** min(retry, 6)))
-
-
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-async def reconcile_training(namespace: str, name: str, memo: kopf.Memo, retry: int,
-                             **_: Any) -> None:
-    await _reconcile_or_retry(memo, namespace, name, retry)
-
-
-async def _reconcile_or_retry(memo: kopf.Memo, namespace: str, name: str, retry: int) -> None:
-    """Reconcile; an API failure becomes a Kopf retry with exponential backoff."""
-    try:
-        await memo.reconciler.reconcile(namespace, name)
-    except kube.ApiError as exc:
-        raise kopf.TemporaryError(f"Kubernetes API call failed: {exc}",
-                                  delay=_retry_delay(retry)) from exc
 
 
 def _unfinished(status: dict[str, Any], **_: Any) -> bool:
@@ -103,10 +108,28 @@ def _unfinished(status: dict[str, Any], **_: Any) -> bool:
 
 @kopf.timer(GROUP, VERSION, PLURAL, when=_unfinished, interval=RESYNC_SECONDS,
             initial_delay=RESYNC_SECONDS)
-async def recheck_training(namespace: str, name: str, memo: kopf.Memo, retry: int,
-                           **_: Any) -> None:
+async def recheck_training(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
+                           retry: int, **_: Any) -> None:
     """Re-check now and then, in case an event was missed (e.g. during a watch reconnect)."""
-    await _reconcile_or_retry(memo, namespace, name, retry)
+    try:
+        await memo.reconciler.recheck(namespace, name, dict(body))
+    except kube.ApiError as exc:
+        if exc.reason == "ClientClosed":
+            return  # the operator is stopping
+        raise kopf.TemporaryError(f"Kubernetes API call failed: {exc}",
+                                  delay=retry_delay(retry)) from exc
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def training_changed(type: str, body: kopf.Body, namespace: str, name: str,
+                           memo: kopf.Memo, **_: Any) -> None:
+    if type == "DELETED":
+        memo.reconciler.forget(namespace, name)
+        return
+    uid, generation = body.metadata.uid, body.metadata.get("generation")
+    await memo.reconciler.nudge(
+        namespace, name, unless=lambda seen: seen.uid == uid and seen.generation == generation,
+        fresh=None if body.get("status") else dict(body))
 
 
 def _owner_name(body: kopf.Body) -> str | None:
@@ -115,22 +138,22 @@ def _owner_name(body: kopf.Body) -> str | None:
         body.get("metadata", {}).get("labels") or {}).get(manifests.LABEL_TRAINING)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
-async def step_job_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+async def _child_changed(type: str, body: kopf.Body, namespace: str, memo: kopf.Memo) -> None:
     owner = _owner_name(body)
-    if owner and namespace:
-        await memo.reconciler.nudge(namespace, owner)
+    if not owner or not namespace:
+        return
+    uid, version = body.metadata.uid, body.metadata.get("resourceVersion")
+    unless = None if type == "DELETED" else (lambda seen: seen.versions.get(uid) == version)
+    await memo.reconciler.nudge(namespace, owner, unless=unless)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
+async def step_job_changed(type: str, body: kopf.Body, namespace: str, memo: kopf.Memo,
+                           **_: Any) -> None:
+    await _child_changed(type, body, namespace, memo)
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
-async def step_pod_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    owner = _owner_name(body)
-    if owner and namespace:
-        await memo.reconciler.nudge(namespace, owner)
-
-
-@kopf.on.event(GROUP, VERSION, PLURAL)
-async def training_event(type: str, namespace: str, name: str, memo: kopf.Memo,
-                         **_: Any) -> None:
-    if type == "DELETED":
-        memo.reconciler.forget(namespace, name)
+async def step_pod_changed(type: str, body: kopf.Body, namespace: str, memo: kopf.Memo,
+                           **_: Any) -> None:
+    await _child_changed(type, body, namespace, memo)

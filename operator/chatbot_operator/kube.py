@@ -162,24 +162,42 @@ class KubeClient:
                 return None
             raise
 
-    async def list(self, url: str, label_selector: str | None = None) -> list[dict[str, Any]]:
-        params = {"labelSelector": label_selector} if label_selector else None
-        result = await self.request("GET", url, params=params)
+    async def list(self, url: str, label_selector: str | None = None,
+                   field_selector: str | None = None) -> list[dict[str, Any]]:
+        params = {key: value for key, value in (("labelSelector", label_selector),
+                                                ("fieldSelector", field_selector)) if value}
+        result = await self.request("GET", url, params=params or None)
         return list((result or {}).get("items") or [])
 
-    async def create(self, url: str, body: Mapping[str, Any]) -> bool:
-        """POST; True when created, False when an object of that name already exists."""
+    async def create(self, url: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """POST; the created object, or None when an object of that name already exists."""
         try:
-            await self.request("POST", url, body=dict(body))
+            return await self.request("POST", url, body=dict(body)) or {}
         except ApiError as exc:
             if exc.status == 409:
-                return False
+                return None
             raise
-        return True
 
     async def patch(self, url: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """A JSON merge patch (RFC 7386)."""
         return await self.request("PATCH", url, body=dict(body), content_type=MERGE_PATCH)
+
+
+async def gather(*calls: Any) -> list[Any]:
+    """The results of concurrent calls, or the first error. The calls run in tasks that never
+    end with an exception of their own (so none can fail unobserved, e.g. while the operator
+    stops): each hands its outcome back to this caller."""
+    async def outcome(call: Any) -> tuple[bool, Any]:
+        try:
+            return True, await call
+        except Exception as exc:  # noqa: BLE001 - raised below, in the caller
+            return False, exc
+
+    results = await asyncio.gather(*(outcome(call) for call in calls))
+    for ok, value in results:
+        if not ok:
+            raise value
+    return [value for _, value in results]
 
 
 async def _api_error(response: aiohttp.ClientResponse) -> ApiError:

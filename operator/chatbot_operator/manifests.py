@@ -203,7 +203,7 @@ def config_map(training: Mapping[str, Any], spec: ChatbotTrainingSpec) -> dict[s
     }
 
 
-def _claim_mounts(
+def claim_mounts(
     spec: ChatbotTrainingSpec, step: str
 ) -> dict[str, bool]:
     """Claims mounted under /mnt/pvc for `step` → read-only?"""
@@ -274,7 +274,7 @@ def pod_spec(
     if step in GPU_STEPS:
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-    for index, (claim, read_only) in enumerate(sorted(_claim_mounts(spec, step).items())):
+    for index, (claim, read_only) in enumerate(sorted(claim_mounts(spec, step).items())):
         path = f"{PVC_ROOT}/{claim}"
         if claim == workspace_claim:  # the same claim: mount the workspace volume again
             mounts.append({"name": "workspace", "mountPath": path})
@@ -348,7 +348,7 @@ def pod_spec(
         if tolerations:
             pod["tolerations"] = tolerations
         if spec.affinity:
-            pod["affinity"] = spec.affinity
+            pod["affinity"] = spec.affinity.to_api()
     return pod
 
 
@@ -416,3 +416,21 @@ def step_job(
             },
         },
     }
+
+
+# ------------------------------------------------------------------------------- peering
+
+
+def peering_objects(name: str, namespaces: tuple[str, ...] | None) -> list[tuple[str, dict]]:
+    """(API path, body) of the Kopf peering object(s) the operator's replicas share: one
+    ClusterKopfPeering (namespaces None: all namespaces served) or a KopfPeering per served
+    namespace."""
+    meta = {"name": name, "labels": {"app.kubernetes.io/name": APP_NAME,
+                                     "app.kubernetes.io/managed-by": MANAGED_BY}}
+    if namespaces is None:
+        return [("/apis/kopf.dev/v1/clusterkopfpeerings",
+                 {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": meta})]
+    return [(f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings",
+             {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
+              "metadata": {**meta, "namespace": namespace}})
+            for namespace in namespaces]

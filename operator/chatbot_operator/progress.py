@@ -13,7 +13,12 @@ Rules:
 - Succeeded and Failed are final: no new work is ever created for such a training.
 - While spec.suspend is true no Job is created and the running Job is suspended.
 - A failure is explained from the most specific source: the trainer's own termination
-  message, then the Pod (OOMKilled), then the Job condition (deadline, retries).
+  message, then the Pod (OOMKilled), then the Job condition (deadline, retries). A step
+  fails with the Job's terminal `Failed` condition; `FailureTarget` comes earlier, before
+  the Job controller has counted every failed pod, so it only says the step is failing.
+- A step that waits is explained too: its pods refused by admission (the Job's
+  `FailedCreate` Events: quota, missing PriorityClass or ServiceAccount), a claim that does
+  not exist, scheduling, image pulls, configuration, retries.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 
 import pydantic
 
-from chatbot_api.spec import STEPS, ChatbotTrainingSpec
+from chatbot_api.spec import NAME_RULE, STEPS, ChatbotTrainingSpec
 from chatbot_api.status import ChatbotTrainingStatus
 
 from chatbot_operator import manifests
@@ -38,6 +43,12 @@ TERMINAL_PHASES = ("Succeeded", "Failed")
 CONDITION_TYPES = ("Ready", "Progressing", "Failed", "Suspended")
 IMAGE_PULL_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")
 CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError")
+# Why a created step's pod cannot be created or started (reasons of Warning events).
+POD_CREATE_REASONS = ("QuotaExceeded", "PriorityClassNotFound", "ServiceAccountNotFound",
+                      "PodCreateRefused")
+CLAIM_REASONS = ("ClaimNotFound", "ClaimNotBound")
+WAITING_PROBLEMS = (("Unschedulable",) + IMAGE_PULL_REASONS + CONFIG_REASONS + POD_CREATE_REASONS
+                    + CLAIM_REASONS)
 MAX_MESSAGE = 1024
 
 
@@ -180,6 +191,17 @@ def _pod_started(pod: Mapping[str, Any]) -> bool:
     return _get(pod, "status", "phase") in ("Running", "Succeeded", "Failed")
 
 
+def _disrupted(pod: Mapping[str, Any]) -> bool:
+    """Preempted, evicted or drained: the Job's podFailurePolicy does not count it."""
+    return any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+               for c in _get(pod, "status", "conditions", default=[]) or [])
+
+
+def counted_failures(pods: Iterable[Mapping[str, Any]]) -> list:
+    """The failed pods of a step that count against its backoffLimit."""
+    return [p for p in pods if _get(p, "status", "phase") == "Failed" and not _disrupted(p)]
+
+
 # ----------------------------------------------------------------------------- steps
 
 
@@ -252,7 +274,9 @@ def observe_step(
 
     job_pods = pods_of_job(job, pods, step)
     status = job.get("status") or {}
-    finished = int(status.get("succeeded") or 0) + int(status.get("failed") or 0)
+    # The Job controller raises status.failed only after it tracked the pod: count both.
+    failures = max(int(status.get("failed") or 0), len(counted_failures(job_pods)))
+    finished = int(status.get("succeeded") or 0) + failures
     state = StepState(
         step=step,
         job=job,
@@ -265,7 +289,7 @@ def observe_step(
     )
 
     complete = _job_condition(job, "Complete")
-    failed = _job_condition(job, "Failed", "FailureTarget")
+    failed = _job_condition(job, "Failed")
     if complete is not None or recorded.get("phase") == "Succeeded":
         state.phase = "Succeeded"
         state.completion_time = (status.get("completionTime") or _get(complete, "lastTransitionTime")
@@ -367,7 +391,8 @@ def explain_failure(
             f"raise spec.steps.{step}.activeDeadlineSeconds or make the step faster")
     if job_reason == "BackoffLimitExceeded":
         _, backoff = manifests.step_policy(spec, step)
-        attempts = int(_get(job, "status", "failed", default=0) or 0) or backoff + 1
+        attempts = max(int(_get(job, "status", "failed", default=0) or 0),
+                       len(counted_failures(pods))) or backoff + 1
         return (last[0] if last and last[0] != "StepFailed" else "BackoffLimitExceeded"), _short(
             f"Step {step} failed {attempts} time(s), more than spec.steps.{step}.backoffLimit "
             f"({backoff}) allows{detail}")
@@ -380,6 +405,46 @@ def explain_failure(
         return last
     message = condition.get("message") or "the Job failed"
     return _reason(job_reason), _short(f"Step {step} failed: {job_reason}: {message}")
+
+
+def _sentence(text: str) -> str:
+    """`text` without its closing period(s), to be followed by one of ours."""
+    return " ".join(text.split()).rstrip(". ")
+
+
+def claim_fields(name: str, spec: ChatbotTrainingSpec, step: str) -> dict[str, str]:
+    """The claims a step's pod mounts → the spec field that names each."""
+    workspace = manifests.workspace_claim_name(name, spec)
+    fields = {workspace: ("spec.workspace.existingClaim" if spec.workspace.existing_claim
+                          else "the workspace claim the operator creates")}
+    for field, uri in (("spec.trainingData", spec.training_data), ("spec.modelType", spec.model_type),
+                       ("spec.outputPath", spec.output_path)):
+        parsed = manifests.parse_pvc_uri(uri)
+        if parsed and parsed[0] in manifests.claim_mounts(spec, step):
+            fields.setdefault(parsed[0], field)
+    return fields
+
+
+_MISSING_CLAIM = re.compile(r'persistentvolumeclaim "([^"]+)" not found', re.IGNORECASE)
+
+
+def _claim_problem(state: StepState, scheduler: str, spec: ChatbotTrainingSpec,
+                   namespace: str, name: str) -> tuple[str, str] | None:
+    fields = claim_fields(name, spec, state.step)
+    if match := _MISSING_CLAIM.search(scheduler):
+        claim = match.group(1)
+        field = fields.get(claim, "the step's volumes")
+        fix = ("it is created with the first step; check the operator's events and logs"
+               if field.startswith("the workspace") else f"create it or correct {field}")
+        return "ClaimNotFound", _short(
+            f"Step {state.step} cannot start: PersistentVolumeClaim {claim} ({field}) does not "
+            f"exist in namespace {namespace}. Waiting; {fix}.")
+    if "unbound immediate persistentvolumeclaims" in scheduler.lower():
+        claims = ", ".join(f"{claim} ({field})" for claim, field in fields.items())
+        return "ClaimNotBound", _short(
+            f"Step {state.step} cannot start: a claim it mounts is not bound ({claims}). "
+            f"Waiting; check the claim's StorageClass and that a volume can be provisioned.")
+    return None
 
 
 def _unschedulable_message(step: str, scheduler: str, spec: ChatbotTrainingSpec,
@@ -395,20 +460,76 @@ def _unschedulable_message(step: str, scheduler: str, spec: ChatbotTrainingSpec,
     needs = f" It needs {' on '.join(wants)}." if wants else ""
     hint = ("add such nodes or adjust spec.gpu, spec.nodeSelector and spec.tolerations"
             if step in manifests.GPU_STEPS else "add capacity or lower spec.resources")
-    return _short(f"Step {step} cannot be scheduled: {scheduler or 'no node fits'}.{needs} "
-                  f"Waiting; {hint}.")
+    return _short(f"Step {step} cannot be scheduled: {_sentence(scheduler) or 'no node fits'}."
+                  f"{needs} Waiting; {hint}.")
+
+
+_NO_PRIORITY_CLASS = re.compile(r"no PriorityClass with name (\S+) was found")
+_NO_SERVICE_ACCOUNT = re.compile(r'serviceaccount "([^"]+)" not found', re.IGNORECASE)
+
+
+def failed_create(events: Iterable[Mapping[str, Any]], job: Mapping[str, Any]) -> str | None:
+    """The latest reason the Job controller could not create the Job's pod (its `FailedCreate`
+    Events), or None."""
+    uid, name = _get(job, "metadata", "uid"), _get(job, "metadata", "name")
+    found = [e for e in events if e.get("reason") == "FailedCreate"
+             and _get(e, "involvedObject", "kind") == "Job"
+             and _get(e, "involvedObject", "name") == name
+             and _get(e, "involvedObject", "uid") in (None, uid)]
+    if not found:
+        return None
+    latest = max(found, key=lambda e: (e.get("lastTimestamp") or e.get("eventTime")
+                                       or _get(e, "metadata", "creationTimestamp") or ""))
+    return _sentence(str(latest.get("message") or "")).removeprefix("Error creating: ")
+
+
+def _pod_create_problem(step: str, refusal: str, spec: ChatbotTrainingSpec,
+                        namespace: str) -> tuple[str, str]:
+    what = f"Step {step} cannot create its pod: {refusal}. Waiting"
+    if "exceeded quota" in refusal:
+        return "QuotaExceeded", _short(
+            f"{what}; raise the ResourceQuota of namespace {namespace} or lower "
+            f"spec.resources (the Job controller retries).")
+    if match := _NO_PRIORITY_CLASS.search(refusal):
+        return "PriorityClassNotFound", _short(
+            f"{what}; create PriorityClass {match.group(1)} or correct spec.priorityClassName.")
+    if match := _NO_SERVICE_ACCOUNT.search(refusal):
+        return "ServiceAccountNotFound", _short(
+            f"{what}; create ServiceAccount {match.group(1)} in namespace {namespace} or "
+            f"correct spec.serviceAccountName.")
+    return "PodCreateRefused", _short(
+        f"{what}; check the namespace's admission rules (ResourceQuota, LimitRange, Pod "
+        f"Security, webhooks) against the step's pod.")
+
+
+def needs_events(state: StepState) -> bool:
+    """Whether the step's Job waits for a pod that the Job controller may fail to create."""
+    status = _get(state.job, "status", default={}) or {}
+    return (state.job is not None and not state.pods and not state.suspended
+            and not int(status.get("active") or 0) and not int(status.get("ready") or 0)
+            and state.phase in ("Pending", "Running"))
 
 
 def diagnose_waiting(
-    state: StepState, spec: ChatbotTrainingSpec, config: OperatorConfig
+    state: StepState, spec: ChatbotTrainingSpec, config: OperatorConfig,
+    events: Iterable[Mapping[str, Any]] = (), namespace: str = "", name: str = "",
 ) -> tuple[str, str] | None:
     """Why a created step is not making progress (reason, message), or None."""
     step = state.step
+    failing = _job_condition(state.job or {}, "FailureTarget")
+    if failing is not None:
+        why = failing.get("reason") or "StepFailed"
+        return "StepFailing", _short(
+            f"Step {step} is failing ({why}); the Job controller is stopping its pods")
     if state.suspended and not state.suspended_by_operator:
         queue = f" in queue {spec.queue_name}" if spec.queue_name else ""
         return "Queued", f"Step {step} is waiting for admission{queue} (Job {state.job_name} is suspended)"
     if state.suspended and state.suspended_by_operator:
         return "Resuming", f"Step {step} is being resumed"
+    if needs_events(state) and state.job is not None:
+        refusal = failed_create(events, state.job)
+        if refusal:
+            return _pod_create_problem(step, refusal, spec, namespace)
     for pod in reversed(state.pods):
         if _get(pod, "status", "phase") not in (None, "Pending", "Running"):
             continue
@@ -428,14 +549,19 @@ def diagnose_waiting(
         for condition in _get(pod, "status", "conditions", default=[]) or []:
             if (condition.get("type") == "PodScheduled" and condition.get("status") == "False"
                     and condition.get("reason") == "Unschedulable"):
-                return "Unschedulable", _unschedulable_message(
-                    step, condition.get("message", ""), spec, config)
+                scheduler = condition.get("message", "")
+                return _claim_problem(state, scheduler, spec, namespace, name) or (
+                    "Unschedulable", _unschedulable_message(step, scheduler, spec, config))
         break  # only the newest live pod matters
-    failed = [p for p in state.pods if _get(p, "status", "phase") == "Failed"]
+    failed = counted_failures(state.pods)
     if failed:
         detail = _pod_failure_detail(step, failed[-1], spec)
         _, backoff = manifests.step_policy(spec, step)
         what = f": {detail[1]}" if detail else ""
+        if len(failed) > backoff:
+            return "BackoffLimitReached", _short(
+                f"Step {step} failed {len(failed)} time(s), as many as "
+                f"spec.steps.{step}.backoffLimit ({backoff}) allows; the Job is failing{what}")
         return "Retrying", _short(
             f"Step {step} attempt {len(failed)} of {backoff + 1} failed, retrying{what}")
     return None
@@ -456,6 +582,7 @@ def _summary_number(summary: Mapping[str, Any] | None, *keys: str) -> float | No
 def collect_metrics(states: Mapping[str, StepState]) -> dict[str, float] | None:
     evaluate = states["evaluate"].summary or {}
     eval_metrics = evaluate.get("metrics") if isinstance(evaluate.get("metrics"), dict) else {}
+    base_metrics = evaluate.get("base_metrics") if isinstance(evaluate.get("base_metrics"), dict) else {}
     train = states["train"].summary
     result = {
         "loss": _finite(eval_metrics.get("loss")),
@@ -463,6 +590,8 @@ def collect_metrics(states: Mapping[str, StepState]) -> dict[str, float] | None:
         "perplexity": _finite(eval_metrics.get("perplexity")),
         "trainLoss": _summary_number(train, "train_loss", "trainLoss", "final_loss",
                                      "metrics.train_loss", "metrics.loss", "loss"),
+        "baseLoss": _finite(base_metrics.get("loss")),
+        "baseAccuracy": _finite(base_metrics.get("accuracy")),
     }
     result = {key: value for key, value in result.items() if value is not None}
     return result or None
@@ -512,6 +641,33 @@ def collect_model(states: Mapping[str, StepState], workspace_claim: str) -> dict
 
 
 # ----------------------------------------------------------------------------- conditions
+
+
+def improvement_condition(states: Mapping[str, StepState], old: Sequence[Mapping[str, Any]] | None,
+                          now: str, generation: int | None) -> dict[str, Any] | None:
+    """`Improved`: whether fine-tuning lowered the eval loss below the base model's (known once
+    evaluate has reported). False is a warning: the run may still succeed, unless
+    evaluation.requireImprovement made evaluate fail."""
+    summary = states["evaluate"].summary if "evaluate" in states else None
+    if not isinstance(summary, dict) or not isinstance(summary.get("metrics"), dict):
+        return None
+    warnings = [str(w) for w in summary.get("warnings") or []]
+    loss, base = _finite(summary["metrics"].get("loss")), _finite((summary.get("base_metrics") or {}).get("loss"))
+    if warnings:
+        status, reason, message = "False", "NotBetterThanBase", "; ".join(warnings)
+    elif loss is not None and base is not None:
+        status, reason, message = "True", "LowerEvalLoss", f"eval loss {loss:.4g}, base model {base:.4g}"
+    else:
+        return None
+    prior = next((c for c in old or [] if c.get("type") == "Improved"), {})
+    condition = {
+        "type": "Improved", "status": status, "reason": reason, "message": _short(message),
+        "lastTransitionTime": prior.get("lastTransitionTime") if prior.get("status") == status
+        and prior.get("lastTransitionTime") else now,
+    }
+    if generation is not None:
+        condition["observedGeneration"] = generation
+    return condition
 
 
 def build_conditions(
@@ -565,6 +721,9 @@ class Plan:
     create_step: str | None = None  # create this step's Job (after the PVC and ConfigMap)
     suspend_jobs: dict[str, bool] = dataclasses.field(default_factory=dict)  # Job → suspend
     states: dict[str, StepState] = dataclasses.field(default_factory=dict)
+    # The current step's Job has no pod yet: its FailedCreate Events would tell why (when
+    # plan() was called without events, read them and plan again).
+    events_of_job: Mapping[str, Any] | None = None
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str | None) -> bool:
@@ -587,14 +746,17 @@ def plan(
     *,
     now: str,
     config: OperatorConfig,
+    events: Iterable[Mapping[str, Any]] | None = None,
 ) -> Plan:
+    """`events`: the training's Jobs' Events (None: not read; see Plan.events_of_job)."""
     meta = training.get("metadata") or {}
     name = meta.get("name", "")
+    namespace = meta.get("namespace", "")
     uid = meta.get("uid")
     generation = meta.get("generation")
     old = dict(training.get("status") or {})
     old_steps = old.get("steps") or {}
-    pods = list(pods)
+    pods, jobs = list(pods), list(jobs)
 
     def finish(phase: str, step: str | None, reason: str, message: str,
                states: Mapping[str, StepState], spec: ChatbotTrainingSpec | None,
@@ -621,6 +783,9 @@ def plan(
             status["configMap"] = manifests.config_map_name(name)
             status["metrics"] = collect_metrics(states)
             status["model"] = collect_model(states, claim)
+            improved = improvement_condition(states, old.get("conditions"), now, generation)
+            if improved:
+                status["conditions"].append(improved)
         if extra:
             status.update(extra)
         started = [st.start_time for st in states.values() if st.start_time]
@@ -633,6 +798,10 @@ def plan(
         ChatbotTrainingStatus.model_validate({k: v for k, v in status.items() if v is not None})
         return {k: v for k, v in status.items() if v is not None}
 
+    if not NAME_RULE.holds(name) and not old_steps and not jobs:
+        # The CRD refuses such names; one created before that rule never gets a Job.
+        message = f"The name {name!r} is invalid: {NAME_RULE.message} (it has {len(name)})"
+        return Plan(status=finish("Failed", None, "InvalidName", message, {}, None))
     try:
         spec = ChatbotTrainingSpec.model_validate(training.get("spec") or {})
     except pydantic.ValidationError as error:
@@ -700,7 +869,9 @@ def plan(
 
     if current.suspended and current.suspended_by_operator:
         result.suspend_jobs[current.job_name or ""] = False
-    diagnosis = diagnose_waiting(current, spec, config)
+    if events is None and needs_events(current):
+        result.events_of_job = current.job
+    diagnosis = diagnose_waiting(current, spec, config, events or (), namespace, name)
     phase = "Running" if any_started else "Pending"
     if diagnosis is not None:
         reason, message = diagnosis
@@ -712,18 +883,21 @@ def plan(
     return result
 
 
-def rejected(status: Mapping[str, Any], step: str, message: str, now: str,
+def rejected(status: Mapping[str, Any], step: str, what: str, message: str, now: str,
              generation: int | None) -> dict[str, Any]:
-    """The status after the API server refused a step's Job (invalid manifest): final."""
-    text = _short(f"The API server rejected the Job of step {step}: {message}")
+    """The status after the API server refused an object a step needs (`what`, e.g.
+    "PersistentVolumeClaim bot-workspace"; an invalid manifest): final. The reason names the
+    kind: JobRejected, PersistentVolumeClaimRejected, ConfigMapRejected."""
+    reason = _reason(f"{what.split()[0]}Rejected")
+    text = _short(f"The API server rejected {what} of step {step}: {_sentence(message)}")
     new = dict(status)
-    new.update(phase="Failed", step=step, reason="JobRejected", message=text, completionTime=now)
+    new.update(phase="Failed", step=step, reason=reason, message=text, completionTime=now)
     steps = dict(new.get("steps") or {})
-    steps[step] = {**steps.get(step, {}), "phase": "Failed", "reason": "JobRejected",
+    steps[step] = {**steps.get(step, {}), "phase": "Failed", "reason": reason,
                    "message": text, "completionTime": now}
     new["steps"] = steps
-    new["conditions"] = build_conditions("Failed", "JobRejected", text,
-                                         status.get("conditions"), now, generation)
+    new["conditions"] = build_conditions("Failed", reason, text, status.get("conditions"), now,
+                                         generation)
     return new
 
 
@@ -809,6 +983,6 @@ def transition_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> 
         elif old_phase == "Suspended":
             events.append(Event("Normal", "Resumed", f"Resumed at step {new.get('step')}"))
     elif phase in ("Pending", "Running") and new.get("reason") != old.get("reason") and new.get(
-            "reason") in ("Unschedulable",) + IMAGE_PULL_REASONS + CONFIG_REASONS:
+            "reason") in WAITING_PROBLEMS:
         events.append(Event("Warning", new["reason"], new.get("message", "")))
     return events

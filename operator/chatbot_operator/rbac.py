@@ -15,10 +15,12 @@ What each rule is for:
   scheduling).
 - persistentvolumeclaims: the workspace claim (create only; never deleted by the operator).
 - configmaps: `<name>-config` (create, read, refresh).
-- events: Kubernetes Events on the trainings (core/v1, posted by Kopf).
+- events: Kubernetes Events on the trainings (core/v1, posted by Kopf); `list` reads the
+  Job controller's FailedCreate Events of step Jobs that get no pod (quota, admission).
 - namespaces: Kopf lists/watches them when serving specific namespaces.
 - customresourcedefinitions: Kopf's discovery of served resources.
-- kopf.dev peerings: coordination of replicas (the active one has the highest priority).
+- kopf.dev peerings: coordination of replicas (the active one has the highest priority);
+  the operator creates its peering object at startup.
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ RBAC_RULES: list[dict[str, list[str]]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "patch"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
      "verbs": ["list", "watch"]},
     {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings", "kopfpeerings"],
-     "verbs": ["list", "watch", "patch"]},
+     "verbs": ["create", "list", "watch", "patch"]},
 ]
 
 

@@ -1,18 +1,29 @@
 """One reconciliation of a ChatbotTraining: read, plan (pure, `progress.plan`), act, report.
 
-Every trigger (create/resume/update of the training, events of its Jobs and Pods, the
-periodic re-check) calls the same idempotent `reconcile()`. Calls for one training are
-serialized by a lock, and bursts of triggers collapse into at most one queued run. The
-Jobs have deterministic names, so a concurrent or repeated create gets 409 Conflict,
-which counts as done.
+Every trigger (an event of the training, of its Jobs or of its Pods, the periodic re-check)
+ends in the same idempotent `reconcile()`. Calls for one training are serialized by a lock,
+and bursts of triggers collapse into at most one queued run. The Jobs have deterministic
+names, so a concurrent or repeated create gets 409 Conflict, which counts as done.
+
+A training that no operator has reconciled yet (no status) gets its first step's Job
+without any read first: nothing of it can exist (a 409 on its Job says otherwise, and the
+usual reads follow). Work is skipped where it cannot change anything:
+- an event that brings nothing new: the training's generation (its spec) as last reconciled,
+  or a Job or Pod at the resourceVersion the last reconciliation read or wrote (e.g. the
+  ADDED event of the Job it just created, or the MODIFIED event of its own status patch);
+- the periodic re-check plans every training of a namespace from one shared listing of
+  Jobs, Pods and Events (at most SNAPSHOT_SECONDS old) and reconciles, with fresh reads,
+  only the trainings where that finds something to do or to report.
+An API error schedules another try with exponential backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import kopf
@@ -23,6 +34,9 @@ from chatbot_operator import kube, manifests, metrics, progress
 from chatbot_operator.settings import OperatorConfig
 
 logger = logging.getLogger(__name__)
+
+SNAPSHOT_SECONDS = 2.0  # how old the re-check's shared listing of a namespace may be
+FAILED_CREATE = "reason=FailedCreate,involvedObject.kind=Job"
 
 
 def training_path(namespace: str, name: str | None = None, subresource: str | None = None) -> str:
@@ -37,6 +51,53 @@ def core_path(plural: str, namespace: str, name: str | None = None) -> str:
     return kube.path("", "v1", plural, namespace, name)
 
 
+def retry_delay(attempt: int) -> float:
+    return float(min(60, 2 ** min(attempt, 6)))
+
+
+@dataclasses.dataclass
+class Seen:
+    """What the last reconciliation of a training read and wrote."""
+
+    uid: str | None = None
+    generation: int | None = None
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)  # child uid → resourceVersion
+    status: dict[str, Any] | None = None  # as written (the operator is its only writer)
+
+    def add(self, objects: Iterable[Mapping[str, Any]]) -> None:
+        for obj in objects:
+            meta = obj.get("metadata") or {}
+            if meta.get("uid") and meta.get("resourceVersion"):
+                self.versions[meta["uid"]] = meta["resourceVersion"]
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """A namespace's step Jobs and Pods (by training label) and the Jobs' FailedCreate Events."""
+
+    taken: float
+    jobs: dict[str, list]
+    pods: dict[str, list]
+    events: list
+
+
+def _by_training(objects: Iterable[Mapping[str, Any]]) -> dict[str, list]:
+    grouped: dict[str, list] = {}
+    for obj in objects:
+        label = ((obj.get("metadata") or {}).get("labels") or {}).get(manifests.LABEL_TRAINING)
+        grouped.setdefault(label, []).append(obj)
+    return grouped
+
+
+class ObjectError(Exception):
+    """The API server refused an object a step needs."""
+
+    def __init__(self, what: str, error: kube.ApiError) -> None:
+        super().__init__(f"{what}: {error}")
+        self.what = what
+        self.error = error
+
+
 class Reconciler:
     def __init__(self, client: kube.KubeClient, config: OperatorConfig,
                  tracker: metrics.TrainingTracker | None = None) -> None:
@@ -45,18 +106,36 @@ class Reconciler:
         self.tracker = tracker or metrics.TrainingTracker()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._waiting: dict[tuple[str, str], int] = {}  # calls waiting for the lock
+        self._seen: dict[tuple[str, str], Seen] = {}
+        self._attempts: dict[tuple[str, str], int] = {}  # failed tries in a row
+        self._snapshots: dict[str, Snapshot] = {}
+        self._snapshot_locks: dict[str, asyncio.Lock] = {}
+        self._later: set[asyncio.TimerHandle | asyncio.Task] = set()
 
     def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
 
     def forget(self, namespace: str, name: str) -> None:
-        """The training is gone: drop its lock and its metrics."""
-        self._locks.pop((namespace, name), None)
-        self._waiting.pop((namespace, name), None)
+        """The training is gone: drop its lock, what was seen of it and its metrics."""
+        key = (namespace, name)
+        for table in (self._locks, self._waiting, self._seen, self._attempts):
+            table.pop(key, None)
         self.tracker.forget(namespace, name)
 
-    async def reconcile(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """Bring one training a step further; returns its new status (None if it is gone)."""
+    def close(self) -> None:
+        """Cancel the retries still scheduled (the operator stops)."""
+        for item in self._later:
+            item.cancel()
+        self._later.clear()
+
+    # ------------------------------------------------------------------ triggers
+
+    async def reconcile(self, namespace: str, name: str, *,
+                        unless: Callable[[Seen], bool] | None = None,
+                        fresh: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """Bring one training a step further; returns its new status (None if it is gone or
+        `unless` says the last reconciliation already saw what triggered this one). `fresh`:
+        the training's body as just watched, if it has no status yet."""
         key = (namespace, name)
         self._waiting[key] = self._waiting.get(key, 0) + 1
         waiting = True
@@ -64,9 +143,12 @@ class Reconciler:
             async with self._lock(key):
                 self._waiting[key] = self._waiting.get(key, 1) - 1
                 waiting = False
+                seen = self._seen.get(key)
+                if unless is not None and seen is not None and unless(seen):
+                    return None
                 started = time.perf_counter()
                 try:
-                    return await self._reconcile(namespace, name)
+                    return await self._reconcile(namespace, name, fresh)
                 except Exception:
                     metrics.RECONCILE_ERRORS.inc()
                     raise
@@ -76,81 +158,199 @@ class Reconciler:
             if waiting:
                 self._waiting[key] = self._waiting.get(key, 1) - 1
 
-    async def nudge(self, namespace: str, name: str) -> None:
-        """Reconcile because something changed; a run already waiting covers this one too."""
-        if self._waiting.get((namespace, name)):
+    async def nudge(self, namespace: str, name: str, *,
+                    unless: Callable[[Seen], bool] | None = None,
+                    fresh: Mapping[str, Any] | None = None) -> None:
+        """Reconcile because something changed; a run already waiting covers this one too.
+        An API error is logged and tried again later."""
+        key = (namespace, name)
+        if self._waiting.get(key):
             return
         try:
-            await self.reconcile(namespace, name)
+            await self.reconcile(namespace, name, unless=unless, fresh=fresh)
         except kube.ApiError as exc:
-            logger.warning("Reconciling %s/%s failed (will retry): %s", namespace, name, exc)
+            if exc.reason == "ClientClosed":
+                return
+            attempt = self._attempts.get(key, 0)
+            self._attempts[key] = attempt + 1
+            delay = retry_delay(attempt)
+            logger.warning("[%s/%s] Reconciling failed, trying again in %.0f s: %s",
+                           namespace, name, delay, exc)
+            self._call_later(delay, lambda: self.nudge(namespace, name))
+        else:
+            self._attempts.pop(key, None)
 
-    async def _reconcile(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def _call_later(self, delay: float, make: Callable[[], Any]) -> None:
+        def start() -> None:
+            self._later.discard(handle)
+            task = asyncio.ensure_future(make())
+            self._later.add(task)
+            task.add_done_callback(self._later.discard)
+
+        handle = asyncio.get_running_loop().call_later(delay, start)
+        self._later.add(handle)
+
+    async def recheck(self, namespace: str, name: str, training: Mapping[str, Any]) -> None:
+        """The periodic safety check of one unfinished training (`training`: its body as last
+        watched): plan from the namespace's shared snapshot; reconcile only where that plan
+        would act or change the status."""
+        snapshot = await self._snapshot(namespace)
+        seen = self._seen.get((namespace, name))
+        if seen is not None and seen.uid == (training.get("metadata") or {}).get("uid"):
+            # The watched body may lag behind the status this operator wrote last.
+            training = {**training, "status": seen.status}
+        label = manifests.label_value(name)
+        plan = progress.plan(training, snapshot.jobs.get(label, []), snapshot.pods.get(label, []),
+                             now=progress.now_iso(), config=self.config, events=snapshot.events)
+        if (plan.create_step or plan.suspend_jobs
+                or progress.status_patch(training.get("status") or {}, plan.status)):
+            await self.reconcile(namespace, name)
+
+    async def _snapshot(self, namespace: str) -> Snapshot:
+        async with self._snapshot_locks.setdefault(namespace, asyncio.Lock()):
+            snapshot = self._snapshots.get(namespace)
+            if snapshot is not None and time.monotonic() - snapshot.taken < SNAPSHOT_SECONDS:
+                return snapshot
+            taken = time.monotonic()
+            jobs, pods, events = await kube.gather(
+                self.kube.list(jobs_path(namespace), manifests.LABEL_TRAINING),
+                self.kube.list(core_path("pods", namespace), manifests.LABEL_TRAINING),
+                self.kube.list(core_path("events", namespace), field_selector=FAILED_CREATE),
+            )
+            snapshot = Snapshot(taken, _by_training(jobs), _by_training(pods), events)
+            self._snapshots[namespace] = snapshot
+            return snapshot
+
+    # ------------------------------------------------------------------ one reconciliation
+
+    async def _reconcile(self, namespace: str, name: str,
+                         fresh: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        now = progress.now_iso()
+        if fresh is not None:
+            status = await self._start_fresh(fresh, now)
+            if status is not None:
+                return status
         training = await self.kube.get(training_path(namespace, name))
         if training is None:
-            self.tracker.forget(namespace, name)
+            self.forget(namespace, name)
             return None
         if (training.get("metadata") or {}).get("deletionTimestamp"):
             return None
         selector = f"{manifests.LABEL_TRAINING}={manifests.label_value(name)}"
-        jobs, pods = await asyncio.gather(
+        jobs, pods = await kube.gather(
             self.kube.list(jobs_path(namespace), selector),
             self.kube.list(core_path("pods", namespace), selector),
         )
-        now = progress.now_iso()
         plan = progress.plan(training, jobs, pods, now=now, config=self.config)
-        generation = (training.get("metadata") or {}).get("generation")
+        if plan.events_of_job is not None:  # a Job without pods: ask its Events why
+            job_meta = plan.events_of_job.get("metadata") or {}
+            events = await self.kube.list(
+                core_path("events", namespace),
+                field_selector=f"{FAILED_CREATE},involvedObject.name={job_meta.get('name')}")
+            plan = progress.plan(training, jobs, pods, now=now, config=self.config, events=events)
+        return await self._act(training, plan, jobs, pods, now)
+
+    async def _start_fresh(self, training: Mapping[str, Any], now: str) -> dict[str, Any] | None:
+        """A training no operator has reconciled yet (no status; its body as just watched):
+        nothing of it can exist, so its first step starts without reading anything first.
+        None when that does not apply, or when its Job exists after all (then read)."""
+        if training.get("status") or (training.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+        plan = progress.plan(training, [], [], now=now, config=self.config, events=[])
+        if not plan.create_step:
+            return None
+        return await self._act(training, plan, [], [], now, new_job_required=True)
+
+    async def _act(self, training: Mapping[str, Any], plan: progress.Plan, jobs: list, pods: list,
+                   now: str, new_job_required: bool = False) -> dict[str, Any] | None:
+        """Carry out a plan and report the status; remember what was read and written."""
+        meta = training.get("metadata") or {}
+        seen = Seen(uid=meta.get("uid"), generation=meta.get("generation"))
+        seen.add(jobs + pods)
         status = plan.status
         failure: kube.ApiError | None = None
         try:
             if plan.create_step and plan.spec is not None:
-                await self._start_step(training, plan.spec, plan.create_step)
+                created = await self._start_step(training, plan.spec, plan.create_step)
+                seen.add(created)
+                new_jobs = [obj for obj in created if obj.get("kind") == "Job"]
+                if new_job_required and not new_jobs:
+                    return None
+                if new_jobs:  # report what the next look would see: the step waits for a pod
+                    status = progress.plan(training, jobs + new_jobs, pods, now=now,
+                                           config=self.config, events=[]).status
             for job, suspend in plan.suspend_jobs.items():
-                await self._set_suspended(namespace, job, suspend)
-        except kube.ApiError as exc:
-            if plan.create_step and exc.status in (400, 422):
-                status = progress.rejected(status, plan.create_step, exc.message, now, generation)
+                seen.add([await self._set_suspended(meta["namespace"], job, suspend)])
+        except ObjectError as exc:
+            if plan.create_step and exc.error.status in (400, 422):
+                status = progress.rejected(status, plan.create_step, exc.what, exc.error.message,
+                                           now, meta.get("generation"))
             else:
-                failure = exc
-                what = (f"create the Job of step {plan.create_step}" if plan.create_step
-                        else "update the step's Job")
+                failure = exc.error
                 status = progress.with_problem(
-                    status, "ApiError", f"Cannot {what} ({exc}); retrying", now, generation)
+                    status, "ApiError", f"Cannot create or update {exc.what} ({exc.error}); "
+                    f"retrying", now, meta.get("generation"))
         await self._report(training, status)
         if failure is not None:
             raise failure
+        seen.status = status
+        self._seen[(meta["namespace"], meta["name"])] = seen
         return status
 
+    async def _create(self, namespace: str, plural: str, body: Mapping[str, Any]) -> dict | None:
+        what = f"{body['kind']} {body['metadata']['name']}"
+        url = jobs_path(namespace) if plural == "jobs" else core_path(plural, namespace)
+        try:
+            return await self.kube.create(url, body)
+        except kube.ApiError as exc:
+            raise ObjectError(what, exc) from exc
+
     async def _start_step(self, training: Mapping[str, Any], spec: ChatbotTrainingSpec,
-                          step: str) -> None:
+                          step: str) -> list[dict]:
+        """Create what the step needs (claim and ConfigMap together), then its Job; returns
+        what was created."""
         namespace = training["metadata"]["namespace"]
         pvc = manifests.workspace_pvc(training, spec)
+        needs = [self._ensure_config_map(training, spec)]
         if pvc is not None:
-            await self.kube.create(core_path("persistentvolumeclaims", namespace), pvc)
-        await self._ensure_config_map(training, spec)
+            needs.append(self._create(namespace, "persistentvolumeclaims", pvc))
+        results = await asyncio.gather(*needs, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         job = manifests.step_job(training, spec, step, self.config)
-        if await self.kube.create(jobs_path(namespace), job):
+        created = await self._create(namespace, "jobs", job)
+        if created is not None:
             kopf.info(training, reason="StepStarted",
                       message=f"Started step {step}: Job {job['metadata']['name']}")
+        return [obj for obj in results if isinstance(obj, dict)] + ([created] if created else [])
 
     async def _ensure_config_map(self, training: Mapping[str, Any],
-                                 spec: ChatbotTrainingSpec) -> None:
+                                 spec: ChatbotTrainingSpec) -> dict | None:
         """Create the ConfigMap, or refresh its data (mutable spec fields changed)."""
         namespace = training["metadata"]["namespace"]
         wanted = manifests.config_map(training, spec)
-        if await self.kube.create(core_path("configmaps", namespace), wanted):
-            return
+        created = await self._create(namespace, "configmaps", wanted)
+        if created is not None:
+            return created
         url = core_path("configmaps", namespace, wanted["metadata"]["name"])
-        existing = await self.kube.get(url)
-        if existing is not None and existing.get("data") != wanted["data"]:
-            await self.kube.patch(url, {"data": wanted["data"]})
+        try:
+            existing = await self.kube.get(url)
+            if existing is not None and existing.get("data") != wanted["data"]:
+                await self.kube.patch(url, {"data": wanted["data"]})
+        except kube.ApiError as exc:
+            raise ObjectError(f"ConfigMap {wanted['metadata']['name']}", exc) from exc
+        return None
 
-    async def _set_suspended(self, namespace: str, job: str, suspend: bool) -> None:
+    async def _set_suspended(self, namespace: str, job: str, suspend: bool) -> dict:
         annotation = "true" if suspend else None
-        await self.kube.patch(jobs_path(namespace, job), {
-            "metadata": {"annotations": {manifests.ANNOTATION_SUSPENDED: annotation}},
-            "spec": {"suspend": suspend},
-        })
+        try:
+            return await self.kube.patch(jobs_path(namespace, job), {
+                "metadata": {"annotations": {manifests.ANNOTATION_SUSPENDED: annotation}},
+                "spec": {"suspend": suspend},
+            })
+        except kube.ApiError as exc:
+            raise ObjectError(f"Job {job}", exc) from exc
 
     async def _report(self, training: Mapping[str, Any], status: dict[str, Any]) -> None:
         meta = training["metadata"]

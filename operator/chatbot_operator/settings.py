@@ -9,7 +9,7 @@ Command-line flags of `chatbot-operator` override the environment (see `__main__
 | CHATBOT_NAMESPACES | (empty: all namespaces) | comma-separated namespaces to serve |
 | CHATBOT_METRICS_PORT | 8080 | Prometheus `/metrics` port (0: any free port, -1: disabled) |
 | CHATBOT_HEALTH_PORT | 8081 | liveness endpoint `/healthz` (-1: disabled) |
-| CHATBOT_PEERING_NAME | chatbot-operator | Kopf peering object; empty: standalone (one replica) |
+| CHATBOT_PEERING_NAME | chatbot-operator | Kopf peering object (the operator creates it); empty: standalone (one replica) |
 | CHATBOT_PEERING_PRIORITY | (random) | priority among replicas; the highest one is active |
 | CHATBOT_DEFAULT_NODE_SELECTOR | {} | JSON object merged under spec.nodeSelector (train/evaluate) |
 | CHATBOT_DEFAULT_TOLERATIONS | [] | JSON list added to spec.tolerations (train/evaluate) |

@@ -56,6 +56,20 @@ def load_objects(text: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
+def kinds_defined_here(objects: Iterable[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(group, kind) of every CustomResourceDefinition among `objects`."""
+    return {(o["spec"]["group"], o["spec"]["names"]["kind"]) for o in objects
+            if o.get("kind") == "CustomResourceDefinition"}
+
+
+def objects_of_kinds_defined_here(objects: list[dict[str, Any]]) -> list[str]:
+    """Objects whose kind a CRD of the same manifest defines: one `kubectl apply` of the
+    manifest fails for them on a cluster that does not know the CRD yet."""
+    defined = kinds_defined_here(objects)
+    return [f"{o['kind']}/{o['metadata'].get('name')}" for o in objects
+            if (o.get("apiVersion", "").rpartition("/")[0], o.get("kind")) in defined]
+
+
 def by_kind(objects: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [o for o in objects if o.get("kind") == kind]
 

@@ -2,17 +2,21 @@
 
 `ClusterEmulator` extends kmock's `KubernetesEmulator` with what the operator and Kopf rely
 on and kmock 0.8 does not model: uid/resourceVersion/generation/creationTimestamp,
-generateName, watches that resume from a resourceVersion, label selectors, the status
-subresource kept apart from the rest of the object, JSON patches with a failing `test`
-answered by 422, finalizers with deletionTimestamp, ownerReference garbage collection
-(background cascade), Namespace objects served at /api/v1/namespaces, and typed lists.
+generateName, watches that resume from a resourceVersion, label selectors, field selectors
+on lists (e.g. Events by `involvedObject.name` and `reason`), the status subresource kept
+apart from the rest of the object, JSON patches with a failing `test` answered by 422,
+finalizers with deletionTimestamp, ownerReference garbage collection (background cascade),
+Namespace objects served at /api/v1/namespaces, Kopf's peering resources, and typed lists.
 
 What it does not model (covered elsewhere or by design): schema validation, defaulting and
 CEL rules of the CRD (tests/unit/test_crd.py validates against the schema and the rules'
 Python twins); admission, quotas and RBAC enforcement (tests refuse requests through
 `ClusterEmulator.admission`, and check every operator request against RBAC_RULES); the
-Job and Pod controllers, scheduler and kubelet (tests play their part: they create Pods
-with container states and termination messages and set Job conditions); strategic merge
+Job and Pod controllers, scheduler and kubelet (tests play their part with `Cluster`: they
+create Pods with container states and termination messages, set Job conditions in the
+order the Job controller does (`FailureTarget` before the final failed count and `Failed`),
+and post the `FailedCreate` Event the Job controller records when admission refuses a Job's
+pod, its only trace: the Job's status does not change); strategic merge
 patch (treated as a JSON merge patch); watch bookmarks and event history older than the
 watch (a watch resuming from a resourceVersion gets the objects changed since, as ADDED).
 """
@@ -56,6 +60,8 @@ BUILTIN_RESOURCES = [
     ("v1/persistentvolumeclaims", "PersistentVolumeClaim", True, {"status"}),
     ("v1/configmaps", "ConfigMap", True, set()),
     ("v1/events", "Event", True, set()),
+    ("kopf.dev/v1/clusterkopfpeerings", "ClusterKopfPeering", False, set()),
+    ("kopf.dev/v1/kopfpeerings", "KopfPeering", True, set()),
     ("v1/namespaces", "Namespace", False, {"status"}),
     ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False,
      {"status"}),
@@ -109,6 +115,26 @@ def selector_matches(selector: str | None, labels: Mapping[str, str] | None) -> 
                 return False
         elif term not in labels:
             return False
+    return True
+
+
+def _field(obj: Mapping[str, Any], path: str) -> str:
+    for key in path.split("."):
+        obj = obj.get(key) if isinstance(obj, Mapping) else None
+    return "" if obj is None else str(obj)
+
+
+def field_selector_matches(selector: str | None, obj: Mapping[str, Any]) -> bool:
+    """Field selectors as the API server applies them: `path=value`, `==` and `!=`."""
+    for term in (t.strip() for t in (selector or "").split(",") if t.strip()):
+        if "!=" in term:
+            path, value = term.split("!=", 1)
+            if _field(obj, path.strip()) == value.strip():
+                return False
+        else:
+            path, value = term.replace("==", "=").split("=", 1)
+            if _field(obj, path.strip()) != value.strip():
+                return False
     return True
 
 
@@ -346,10 +372,12 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if not self._known(request.resource):
             raise self.error(404, "NotFound", "the server could not find the requested resource")
         selector = request.params.get("labelSelector")
+        fields = request.params.get("fieldSelector")
         async with self._lock:
             items = [self._typed(request.resource, copy.deepcopy(body))
                      for _, body in self._live(request.resource, request.namespace)
-                     if selector_matches(selector, body.get("metadata", {}).get("labels"))]
+                     if selector_matches(selector, body.get("metadata", {}).get("labels"))
+                     and field_selector_matches(fields, body)]
             revision = str(self._revision)
         info = self.resources[request.resource] if request.resource in self.resources else None
         kind = f"{info.kind}List" if info is not None and info.kind else "List"
@@ -523,6 +551,24 @@ class Cluster:
         if terminated is not None:
             await self.run_pod(job, phase="Failed", state={"terminated": {
                 "startedAt": now, "finishedAt": now, **terminated}})
+        await self.mark_failing(job, reason=reason, message=message, failed=failed)
+        await self.mark_failed(job, reason=reason, message=message, failed=failed)
+
+    async def mark_failing(self, job: Mapping[str, Any], *, reason: str, message: str = "",
+                           failed: int = 0) -> None:
+        """The Job controller's first status update of a failing Job: the `FailureTarget`
+        condition, while `failed` may not count the last failed pod yet."""
+        now = _now()
+        await self.set_job_status(job, {
+            "startTime": now, "failed": failed, "active": 0,
+            "conditions": [{"type": "FailureTarget", "status": "True", "reason": reason,
+                            "message": message, "lastTransitionTime": now}]})
+
+    async def mark_failed(self, job: Mapping[str, Any], *, reason: str, message: str = "",
+                          failed: int = 1) -> None:
+        """The Job controller's last status update of a failed Job: the final count and the
+        terminal `Failed` condition (after `FailureTarget`)."""
+        now = _now()
         await self.set_job_status(job, {
             "startTime": now, "failed": failed, "active": 0,
             "conditions": [
@@ -530,6 +576,25 @@ class Cluster:
                  "message": message, "lastTransitionTime": now},
                 {"type": "Failed", "status": "True", "reason": reason, "message": message,
                  "lastTransitionTime": now}]})
+
+    async def refuse_pods(self, job: Mapping[str, Any], refusal: str, count: int = 1) -> None:
+        """Admission refuses the Job's pod (quota, missing PriorityClass, ...): the Job
+        controller records a `FailedCreate` Warning Event on the Job, `count` times in one
+        Event, and changes nothing else."""
+        meta = job["metadata"]
+        now = _now()
+        await self.call("POST", f"/api/v1/namespaces/{meta['namespace']}/events", {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}",
+                         "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta["uid"],
+                               "resourceVersion": meta["resourceVersion"]},
+            "reason": "FailedCreate", "type": "Warning",
+            "message": f"Error creating: {refusal}",
+            "source": {"component": "job-controller"}, "reportingComponent": "job-controller",
+            "count": count, "firstTimestamp": now, "lastTimestamp": now,
+        }, "application/json")
 
 
 def operator_requests(cluster: Cluster) -> list:

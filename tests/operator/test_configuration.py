@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import sys
@@ -111,8 +112,8 @@ def test_rbac_rules_are_least_privilege():
     assert verbs[("batch", "jobs")] == {"create", "list", "watch", "patch"}
     assert verbs[("", "pods")] <= {"get", "list", "watch"}
     assert verbs[("", "persistentvolumeclaims")] == {"create"}
-    assert verbs[("", "events")] == {"create"}
-    assert ("kopf.dev", "clusterkopfpeerings") in verbs
+    assert verbs[("", "events")] == {"create", "list"}  # post ours, read FailedCreate
+    assert verbs[("kopf.dev", "clusterkopfpeerings")] == {"create", "list", "watch", "patch"}
     everything = {verb for values in verbs.values() for verb in values}
     assert not everything & {"delete", "deletecollection", "escalate", "bind", "impersonate", "*"}
     assert not any("*" in rule["apiGroups"] or "*" in rule["resources"] for rule in rbac.RBAC_RULES)
@@ -135,16 +136,18 @@ def free_ports(count: int) -> list[int]:
 
 
 async def run_entry_point(cluster: Cluster, argv: list[str], env: dict[str, str],
-                          check=None) -> None:
-    """Run the operator as its own process: it must start the first step; then `check()`."""
+                          check=None, name: str = "cli") -> str:
+    """Run the operator as its own process: it must start the first step; then `check()`.
+    Returns what it logged."""
     process = await asyncio.create_subprocess_exec(
         *argv, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    logged = asyncio.create_task(process.stderr.read())
     try:
-        await cluster.apply_training("cli", {"trainingData": "/data/a.jsonl"})
-        await wait_for(lambda: cluster.job("cli", "prepare") or process.returncode is not None,
+        await cluster.apply_training(name, {"trainingData": "/data/a.jsonl"})
+        await wait_for(lambda: cluster.job(name, "prepare") or process.returncode is not None,
                        timeout=30, message="the operator process to create a Job")
-        assert process.returncode is None, (await process.stderr.read()).decode()[-2000:]
+        assert process.returncode is None, (await logged).decode()[-2000:]
         if check is not None:
             await check()
     finally:
@@ -155,6 +158,7 @@ async def run_entry_point(cluster: Cluster, argv: list[str], env: dict[str, str]
             except TimeoutError:
                 process.kill()
                 await process.wait()
+    return (await logged).decode()
 
 
 async def test_the_chatbot_operator_command_serves_metrics_and_health(cluster: Cluster):
@@ -181,3 +185,36 @@ async def test_kopf_run_with_the_handlers_module_works(cluster: Cluster):
     argv = [str(VENV_BIN / "kopf"), "run", "--standalone", "--all-namespaces",
             "-m", "chatbot_operator.handlers"]
     await run_entry_point(cluster, argv, env)
+
+
+async def test_the_operator_creates_its_peering_object_and_names_the_object_in_its_logs(
+        cluster: Cluster):
+    """With peering (the default), the install manifests hold no peering object: the operator
+    creates it, or Kopf would wait for it forever. A pod's routine events leave no line at
+    INFO; with --verbose they do, at DEBUG, and every line about a training names it."""
+    env = {"KUBECONFIG": os.environ["KUBECONFIG"], "CHATBOT_METRICS_PORT": "-1",
+           "CHATBOT_HEALTH_PORT": "-1"}
+    argv = [str(VENV_BIN / "chatbot-operator"), "--all-namespaces"]
+
+    def check(name: str):
+        async def steps() -> None:
+            peering = cluster.get("kopf.dev/v1/clusterkopfpeerings", "chatbot-operator",
+                                  namespace=None)
+            assert peering is not None and peering["metadata"]["labels"][
+                "app.kubernetes.io/managed-by"] == "chatbot-operator"
+            job = cluster.job(name, "prepare")
+            await cluster.run_pod(job, phase="Running", state={"running": {}})
+            await cluster.succeed(job)
+            await wait_for(lambda: cluster.job(name, "configure"), message="configure Job")
+        return steps
+
+    logs = await run_entry_point(cluster, argv, env, check("quiet"), name="quiet")
+    assert "Handler 'step_pod_changed' succeeded" not in logs
+    assert "Created ClusterKopfPeering chatbot-operator" in logs
+
+    logs = await run_entry_point(cluster, argv + ["--verbose"], env, check("loud"), name="loud")
+    routine = [line for line in logs.splitlines() if "Handler 'step_pod_changed' succeeded" in line]
+    assert routine and all(re.search(r"\[DEBUG   \] \[ml/(loud|quiet)-", line)
+                           for line in routine), routine
+    about_objects = [line for line in logs.splitlines() if " kopf.objects " in line]
+    assert about_objects and all(re.search(r"\] \[ml/(loud|quiet)", line) for line in about_objects)

@@ -7,7 +7,7 @@ import json
 
 import kmock
 
-from operator_support import JOBS, Cluster, wait_for
+from operator_support import JOBS, Cluster, assert_rbac_allows_operator_requests, wait_for
 
 SPEC = {
     "trainingData": "https://example.com/chat.jsonl",
@@ -166,3 +166,119 @@ async def test_a_rejected_job_fails_the_run_and_a_forbidden_one_is_retried(
                    message="the problem cleared")
     await asyncio.sleep(1.2)
     assert cluster.job("bad", "prepare") is None
+
+
+# ----------------------------------------------------------------------------- what a cluster adds
+
+
+async def test_a_pod_that_admission_refuses_is_explained_while_the_step_waits(
+        cluster: Cluster, start_operator):
+    """The Job controller's FailedCreate Events are the only trace of a refused pod."""
+    await start_operator()
+    await cluster.apply_training("prio", {"trainingData": "/data/a.jsonl",
+                                          "priorityClassName": "no-such-class"})
+    await cluster.apply_training("quota", {"trainingData": "/data/a.jsonl"})
+    prio = await wait_for(lambda: cluster.job("prio", "prepare"), message="prio Job")
+    quota = await wait_for(lambda: cluster.job("quota", "prepare"), message="quota Job")
+    await cluster.refuse_pods(prio, 'pods "prio-prepare-x7k2p" is forbidden: no PriorityClass '
+                                    'with name no-such-class was found')
+    await cluster.refuse_pods(quota, 'pods "quota-prepare-b9q4d" is forbidden: exceeded quota: '
+                                     'pods, requested: pods=1, used: pods=0, limited: pods=0', count=4)
+
+    status = await wait_for(lambda: cluster.status("prio").get("reason") == "PriorityClassNotFound"
+                            and cluster.status("prio"), message="PriorityClassNotFound")
+    assert status["phase"] == "Pending"  # it keeps waiting: the class may be created
+    assert "no PriorityClass with name no-such-class was found" in status["message"]
+    assert "create PriorityClass no-such-class or correct spec.priorityClassName" in status["message"]
+    assert conditions(status)["Progressing"]["reason"] == "PriorityClassNotFound"
+
+    status = await wait_for(lambda: cluster.status("quota").get("reason") == "QuotaExceeded"
+                            and cluster.status("quota"), message="QuotaExceeded")
+    assert "exceeded quota: pods, requested: pods=1" in status["message"]
+    assert "raise the ResourceQuota of namespace ml or lower spec.resources" in status["message"]
+    assert not status["message"].startswith("Step prepare cannot create its pod: Error creating")
+    await wait_for(lambda: "QuotaExceeded" in [e["reason"] for e in cluster.events("quota")
+                                              if e["type"] == "Warning"], message="a Warning")
+
+    # The quota grows: the Job controller creates the pod, and the status says so.
+    await cluster.run_pod(quota, phase="Running", state={"running": {}})
+    await wait_for(lambda: cluster.status("quota").get("reason") == "StepRunning",
+                   message="StepRunning")
+    assert_rbac_allows_operator_requests(cluster)
+
+
+async def test_the_failure_count_is_the_final_one(cluster: Cluster, start_operator):
+    """The Job controller sets FailureTarget before it counts the last failed pod."""
+    await start_operator()
+    await cluster.apply_training("flaky", {"trainingData": "/data/a.jsonl"})
+    prepare = await wait_for(lambda: cluster.job("flaky", "prepare"), message="prepare Job")
+    crash = {"exitCode": 1, "reason": "Error", "message": "Traceback: boom"}
+    for attempt in range(3):
+        await cluster.run_pod(prepare, phase="Failed", suffix=f"try{attempt}",
+                              state={"terminated": crash})
+    # Three of three attempts failed; nothing is retried any more.
+    status = await wait_for(lambda: cluster.status("flaky").get("reason") == "BackoffLimitReached"
+                            and cluster.status("flaky"), message="BackoffLimitReached")
+    assert "failed 3 time(s)" in status["message"] and "retrying" not in status["message"]
+
+    await cluster.mark_failing(prepare, reason="BackoffLimitExceeded", failed=2,
+                               message="Job has reached the specified backoff limit")
+    status = await wait_for(lambda: cluster.status("flaky").get("reason") == "StepFailing"
+                            and cluster.status("flaky"), message="StepFailing")
+    assert status["phase"] == "Running"  # not final yet: the count is not
+    await asyncio.sleep(1.2)  # a re-check round
+    assert cluster.status("flaky")["phase"] == "Running"
+    assert not [e for e in cluster.events("flaky") if e["type"] == "Warning"]
+
+    await cluster.mark_failed(prepare, reason="BackoffLimitExceeded", failed=3,
+                              message="Job has reached the specified backoff limit")
+    status = await wait_for(lambda: cluster.status("flaky").get("phase") == "Failed"
+                            and cluster.status("flaky"), message="Failed")
+    assert "Step prepare failed 3 time(s), more than spec.steps.prepare.backoffLimit (2)" in status[
+        "message"]
+    assert status["steps"]["prepare"]["attempts"] == 3
+    warnings = await wait_for(lambda: [e["message"] for e in cluster.events("flaky")
+                                       if e["type"] == "Warning" and e["reason"] == "StepFailed"],
+                              message="StepFailed event")
+    assert len(warnings) == 1 and "failed 3 time(s)" in warnings[0]
+
+
+async def test_what_the_schema_cannot_refuse_fails_before_any_job(cluster: Cluster, start_operator):
+    """The emulator, like an API server with an older CRD, accepts these; the operator refuses
+    them before it creates anything, naming the field."""
+    await start_operator()
+    long_name = "support-bot-for-the-customer-care-team-of-the-emea-region"  # 57 characters
+    await cluster.apply_training(long_name, {"trainingData": "/data/a.jsonl"})
+    await cluster.apply_training("keys", {"trainingData": "/data/a.jsonl",
+                                          "nodeSelector": {"gpu type": "h100"}})
+    status = await wait_for(lambda: cluster.status(long_name).get("phase") == "Failed"
+                            and cluster.status(long_name), message="long name Failed")
+    assert status["reason"] == "InvalidName"
+    assert "metadata.name must have at most 53 characters" in status["message"]
+    status = await wait_for(lambda: cluster.status("keys").get("phase") == "Failed"
+                            and cluster.status("keys"), message="bad key Failed")
+    assert status["reason"] == "InvalidSpec"
+    assert "nodeSelector" in status["message"] and "'gpu type' is not a label key" in status["message"]
+    await asyncio.sleep(1.2)
+    assert cluster.list(JOBS) == []
+    assert cluster.list("v1/persistentvolumeclaims") == [] and cluster.list("v1/configmaps") == []
+
+
+async def test_a_refused_claim_is_named_as_the_claim(cluster: Cluster, start_operator):
+    def admission(request: kmock.Request) -> None:
+        if request.resource == kmock.resource("v1/persistentvolumeclaims"):
+            raise cluster.emulator.error(
+                422, "Invalid", 'PersistentVolumeClaim "big-workspace" is invalid: '
+                'spec.resources.requests[storage]: Invalid value: "5Pi": exceeds the maximum.')
+
+    cluster.emulator.admission.append(admission)
+    await start_operator()
+    await cluster.apply_training("big", {"trainingData": "/data/a.jsonl"})
+    status = await wait_for(lambda: cluster.status("big").get("phase") == "Failed"
+                            and cluster.status("big"), message="Failed")
+    assert status["reason"] == "PersistentVolumeClaimRejected"
+    assert status["message"].startswith(
+        "The API server rejected PersistentVolumeClaim big-workspace of step prepare: "
+        'PersistentVolumeClaim "big-workspace" is invalid')
+    assert not status["message"].endswith("..")
+    assert cluster.job("big", "prepare") is None

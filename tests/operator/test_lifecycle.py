@@ -155,7 +155,7 @@ async def test_training_runs_all_steps_to_an_exported_model(cluster: Cluster, st
     config = json.loads(config_map["data"]["config.json"])
     assert config["name"] == "support-bot"
     assert config["trainingData"] == "pvc://chat-data/support.jsonl"
-    assert config["evaluation"] == {"minAccuracy": 0.5}
+    assert config["evaluation"] == {"minAccuracy": 0.5, "requireImprovement": False, "sampleAnswers": 3}
     assert "gpu" not in config and "workspace" not in config
     pvc = cluster.get("v1/persistentvolumeclaims", "support-bot-workspace")
     assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
@@ -292,7 +292,8 @@ async def test_deleting_the_training_lets_the_garbage_collector_remove_its_objec
     for name in ("owned", "kept", "shared"):
         await wait_for(lambda: cluster.job(name, "prepare"), message=f"{name} Job")
         # Kopf's finalizer is on while the run is unfinished (it stops the re-check cleanly).
-        assert "chatbot.dev/finalizer" in cluster.training(name)["metadata"]["finalizers"]
+        await wait_for(lambda: "chatbot.dev/finalizer" in cluster.training(name)["metadata"].get(
+            "finalizers", []), message=f"{name} finalizer")
 
     uid = owned["metadata"]["uid"]
     for resource, name in ((JOBS, "owned-prepare"), ("v1/configmaps", "owned-config"),
@@ -328,3 +329,23 @@ async def test_a_training_in_an_unserved_namespace_is_left_alone(cluster: Cluste
     assert cluster.get(JOBS, "elsewhere-prepare", namespace="other") is None
     assert not cluster.get(TRAININGS, "elsewhere", namespace="other").get("status")
     assert_rbac_allows_operator_requests(cluster)  # incl. Kopf's namespace listing
+
+
+async def test_starting_and_rechecking_a_training_costs_few_requests(cluster: Cluster,
+                                                                   start_operator):
+    """A new training gets its first Job without a read; the events it causes (its Job's
+    ADDED, its own status update, Kopf's finalizer) bring nothing new and are skipped; the
+    periodic re-checks (every second here) share one listing of the namespace."""
+    await start_operator()
+    await cluster.apply_training("cheap", {"trainingData": "/data/a.jsonl"})
+    await wait_for(lambda: cluster.job("cheap", "prepare"), message="prepare Job")
+    await asyncio.sleep(2.5)  # two re-check rounds
+    mine = [r for r in cluster.emulator.requests
+            if r.headers.get("User-Agent", "").startswith("chatbot-operator")]
+    reads_of_one = [r for r in mine if r.method.value.upper() == "GET" and (
+        r.name == "cheap" or "=cheap" in (r.params.get("labelSelector") or ""))]
+    assert reads_of_one == []
+    assert cluster.emulator.count("POST", JOBS) == 1
+    assert len([r for r in mine if r.subresource == "status"]) == 1
+    listings = [r for r in mine if r.method.value.upper() == "GET" and r.name is None]
+    assert 2 <= len(listings) <= 9  # Jobs, Pods, Events: per re-check round, not per training

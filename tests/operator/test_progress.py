@@ -79,6 +79,12 @@ def plan(body: dict, jobs: list, pods: list, config: OperatorConfig = CONFIG) ->
     return result
 
 
+def plan_with_events(body: dict, jobs: list, pods: list, events: list) -> progress.Plan:
+    result = progress.plan(body, jobs, pods, now=NOW, config=CONFIG, events=events)
+    ChatbotTrainingStatus.model_validate(result.status)
+    return result
+
+
 def conditions(status: dict) -> dict:
     return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
 
@@ -276,6 +282,8 @@ def test_waiting_pods_are_diagnosed():
     status = plan(body, jobs + [train], [unschedulable]).status
     assert status["reason"] == "Unschedulable" and status["phase"] == "Running"
     assert "4 x amd.com/gpu on a node matching nodeSelector gpu=mi300" in status["message"]
+    assert "2 Insufficient amd.com/gpu. It needs" in status["message"]
+    assert ".." not in status["message"]
 
     secret = pod_for(train, phase="Pending", state={"waiting": {
         "reason": "CreateContainerConfigError", "message": 'secret "creds" not found'}})
@@ -289,12 +297,106 @@ def test_waiting_pods_are_diagnosed():
     assert "attempt 1 of 3" in status["message"] and "reduce batchSize" in status["message"]
 
 
+def test_a_missing_claim_is_explained_by_the_field_that_names_it():
+    body = training(spec={"trainingData": "pvc://no-such-claim/x.jsonl"})
+    prepare = job_for(body, "prepare", status={"active": 1})
+    pending = pod_for(prepare, phase="Pending", conditions=[{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": '0/3 nodes are available: persistentvolumeclaim "no-such-claim" not found. '
+                   "preemption: 0/3 nodes are available: 3 Preemption is not helpful for "
+                   "scheduling."}])
+    status = plan(body, [prepare], [pending]).status
+    assert status["reason"] == "ClaimNotFound"
+    assert status["message"] == (
+        "Step prepare cannot start: PersistentVolumeClaim no-such-claim (spec.trainingData) "
+        "does not exist in namespace ml. Waiting; create it or correct spec.trainingData.")
+
+    unbound = pod_for(prepare, phase="Pending", conditions=[{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims."}])
+    status = plan(body, [prepare], [unbound]).status
+    assert status["reason"] == "ClaimNotBound"
+    assert "no-such-claim (spec.trainingData)" in status["message"]
+    assert "bot-workspace (the workspace claim the operator creates)" in status["message"]
+    assert "add capacity" not in status["message"]
+
+    # Other scheduling problems keep their advice, with one period per sentence.
+    busy = pod_for(prepare, phase="Pending", conditions=[{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/3 nodes are available: 3 Insufficient cpu. preemption: 0/3 nodes are "
+                   "available: 3 Preemption is not helpful for scheduling."}])
+    status = plan(body, [prepare], [busy]).status
+    assert status["reason"] == "Unschedulable"
+    assert status["message"].endswith("not helpful for scheduling. Waiting; add capacity or "
+                                      "lower spec.resources.")
+
+
+def test_a_job_without_pods_is_explained_by_its_failed_create_events():
+    body = training(spec={"trainingData": "/d", "serviceAccountName": "s3-reader"})
+    prepare = job_for(body, "prepare")
+    first = progress.plan(body, [prepare], [], now=NOW, config=CONFIG)
+    assert first.events_of_job is prepare  # the reconciler reads the Job's Events
+    assert first.status["reason"] == "StepPending"
+    event = {"reason": "FailedCreate", "type": "Warning",
+             "involvedObject": {"kind": "Job", "name": "bot-prepare", "uid": "job-prepare"},
+             "message": 'Error creating: pods "bot-prepare-abcde" is forbidden: error looking up '
+                        'service account ml/s3-reader: serviceaccount "s3-reader" not found'}
+    other = {**event, "involvedObject": {"kind": "Job", "name": "other-prepare", "uid": "x"}}
+    status = plan_with_events(body, [prepare], [], [other, event]).status
+    assert status["reason"] == "ServiceAccountNotFound" and status["phase"] == "Pending"
+    assert status["message"] == (
+        'Step prepare cannot create its pod: pods "bot-prepare-abcde" is forbidden: error '
+        "looking up service account ml/s3-reader: serviceaccount \"s3-reader\" not found. "
+        "Waiting; create ServiceAccount s3-reader in namespace ml or correct "
+        "spec.serviceAccountName.")
+    # Once the pod exists, the Events are history.
+    running = pod_for(prepare, phase="Running", state={"running": {}})
+    assert plan_with_events(body, [prepare], [running], [event]).status["reason"] == "StepRunning"
+    assert progress.plan(body, [prepare], [running], now=NOW, config=CONFIG).events_of_job is None
+
+
+def test_failure_target_alone_is_not_final_and_counts_are_the_pods():
+    body = training()
+    prepare = job_for(body, "prepare", condition={"type": "FailureTarget",
+                                                  "reason": "BackoffLimitExceeded"},
+                      status={"failed": 2})
+    crashed = [pod_for(prepare, phase="Failed", name=f"p{i}", created=f"2026-01-01T10:00:0{i}Z",
+                       state={"terminated": {"exitCode": 1}}) for i in range(3)]
+    status = plan(body, [prepare], crashed).status
+    assert status["phase"] == "Running" and status["reason"] == "StepFailing"
+    assert status["steps"]["prepare"]["attempts"] == 3
+    prepare["status"]["conditions"].append({"type": "Failed", "status": "True",
+                                            "reason": "BackoffLimitExceeded",
+                                            "lastTransitionTime": "2026-01-01T11:00:01Z"})
+    status = plan(body, [prepare], crashed).status  # status.failed still says 2
+    assert status["phase"] == "Failed"
+    assert "Step prepare failed 3 time(s)" in status["message"]
+    # Before any condition: no retry is left, so none is announced.
+    bare = job_for(body, "prepare", status={"failed": 2})
+    status = plan(body, [bare], crashed).status
+    assert status["reason"] == "BackoffLimitReached" and "retrying" not in status["message"]
+    # Preempted pods do not count (podFailurePolicy ignores them).
+    preempted = pod_for(bare, phase="Failed", name="pre", conditions=[
+        {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}])
+    status = plan(body, [bare], crashed[:1] + [preempted]).status
+    assert status["reason"] == "Retrying" and "attempt 1 of 3" in status["message"]
+
+
 def test_rejected_and_problem_statuses():
     status = plan(training(), [], []).status
-    rejected = progress.rejected(status, "prepare", "bad quantity", NOW, 1)
+    rejected = progress.rejected(status, "prepare", "Job bot-prepare", "bad quantity", NOW, 1)
     assert rejected["phase"] == "Failed" and rejected["reason"] == "JobRejected"
     assert rejected["steps"]["prepare"]["phase"] == "Failed"
     ChatbotTrainingStatus.model_validate(rejected)
+    # The object that was refused is named, whichever it was.
+    claim = progress.rejected(status, "prepare", "PersistentVolumeClaim bot-workspace",
+                              'PersistentVolumeClaim "bot-workspace" is invalid: spec.resources.'
+                              'requests[storage]: Invalid value.', NOW, 1)
+    assert claim["reason"] == "PersistentVolumeClaimRejected"
+    assert claim["message"].startswith(
+        "The API server rejected PersistentVolumeClaim bot-workspace of step prepare: "
+        'PersistentVolumeClaim "bot-workspace" is invalid')
+    assert not claim["message"].endswith("..")
     problem = progress.with_problem(status, "ApiError", "Cannot create: 403", NOW, 1)
     assert problem["phase"] == status["phase"] and problem["reason"] == "ApiError"
 
@@ -363,3 +465,26 @@ def test_non_finite_numbers_in_a_summary_are_dropped():
     assert status["steps"]["train"]["summary"] == {"train_loss": None, "steps": [1, None]}
     json.dumps(status, allow_nan=False)
     assert "trainLoss" not in (status.get("metrics") or {})
+
+
+def test_a_model_no_better_than_its_base_is_a_warning_condition():
+    """The evaluate step's verdict on base vs fine-tuned reaches status: Improved and metrics."""
+    from chatbot_operator.progress import StepState, collect_metrics, improvement_condition
+
+    def states(summary):
+        return {step: StepState(step, summary=summary if step == "evaluate" else None)
+                for step in ("prepare", "configure", "train", "evaluate", "export")}
+
+    worse = {"metrics": {"loss": 11.1, "accuracy": 0.002, "perplexity": 66000.0},
+             "base_metrics": {"loss": 3.2, "accuracy": 0.38, "perplexity": 24.5},
+             "warnings": ["the fine-tuned model is not better than the base model: eval loss 11.1 vs 3.2"]}
+    condition = improvement_condition(states(worse), [], "2026-12-01T00:00:00Z", 3)
+    assert (condition["type"], condition["status"], condition["reason"]) == ("Improved", "False", "NotBetterThanBase")
+    assert "11.1 vs 3.2" in condition["message"] and condition["observedGeneration"] == 3
+    assert collect_metrics(states(worse))["baseLoss"] == 3.2
+
+    better = {**worse, "metrics": {"loss": 2.0, "accuracy": 0.57, "perplexity": 7.4}, "warnings": []}
+    later = improvement_condition(states(better), [condition], "2026-12-01T00:01:00Z", 3)
+    assert (later["status"], later["reason"]) == ("True", "LowerEvalLoss")
+    assert later["lastTransitionTime"] == "2026-12-01T00:01:00Z"
+    assert improvement_condition(states(None), [], "2026-12-01T00:00:00Z", 3) is None

@@ -17,6 +17,7 @@ import pydantic
 import pytest
 import yaml
 
+from chatbot_api.corev1 import TOLERATION_RULES
 from chatbot_api.crd import CRD_PATHS, REPO_ROOT, build_crd, render_crd
 from chatbot_api.spec import (
     CLUSTER_RULES,
@@ -24,13 +25,18 @@ from chatbot_api.spec import (
     GROUP,
     IMMUTABLE_FIELDS,
     KIND,
+    MAX_NAME_LENGTH,
+    NAME_RULE,
     PLURAL,
+    STEPS,
     VERSION,
     ChatbotTrainingSpec,
 )
 from chatbot_api.status import ChatbotTrainingStatus
 
 MANIFESTS = Path(__file__).resolve().parent / "manifests"
+# Rules of the spec's objects (checked by the models too); the name rule is the operator's.
+MODEL_RULES = CROSS_FIELD_RULES + CLUSTER_RULES + TOLERATION_RULES
 CRD = build_crd()
 SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
@@ -166,6 +172,36 @@ def test_cel_rules_in_the_crd_are_the_models_rules():
     rules = SCHEMA["properties"]["spec"]["x-kubernetes-validations"]
     assert rules == [{"rule": r.cel, "message": r.message}
                      for r in CROSS_FIELD_RULES + CLUSTER_RULES]
+    toleration = SCHEMA["properties"]["spec"]["properties"]["tolerations"]
+    assert toleration["items"]["x-kubernetes-validations"] == [
+        {"rule": r.cel, "message": r.message} for r in TOLERATION_RULES]
+    assert toleration["maxItems"]  # bounds the rules' estimated cost
+    assert SCHEMA["x-kubernetes-validations"] == [{"rule": NAME_RULE.cel,
+                                                   "message": NAME_RULE.message}]
+
+
+def test_the_name_rule_keeps_every_derived_name_a_valid_label_value():
+    from chatbot_operator.manifests import config_map_name, job_name, owned_claim_name
+
+    longest = "a" * MAX_NAME_LENGTH
+    assert MAX_NAME_LENGTH == 53
+    assert NAME_RULE.holds(longest) and not NAME_RULE.holds(longest + "b")
+    derived = [job_name(longest, step) for step in STEPS]
+    derived += [config_map_name(longest), owned_claim_name(longest)]
+    assert max(len(name) for name in derived) == 63
+    assert all(name.startswith(longest + "-") for name in derived)  # never shortened
+
+
+def test_node_selector_keys_are_checked_by_the_model():
+    """A CRD cannot hold the format of map keys (CEL over keys exceeds the cost budget), so the
+    model checks them; the operator applies the model before it creates anything."""
+    manifest = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": "x"},
+                "spec": minimal(nodeSelector={"gpu type!": "h100"})}
+    assert schema_errors(manifest) == []
+    with pytest.raises(pydantic.ValidationError, match="'gpu type!' is not a label key"):
+        ChatbotTrainingSpec.model_validate(manifest["spec"])
+    ChatbotTrainingSpec.model_validate(minimal(nodeSelector={"nvidia.com/gpu.product": "H100"}))
+    assert "propertyNames" not in str(SCHEMA)
 
 
 def test_status_schema_accepts_what_the_operator_writes():
@@ -244,7 +280,7 @@ def test_cel_violations_pass_the_schema_but_not_the_rules(path: Path):
     header, manifest = load(path)
     message = header.removeprefix("# rule:").strip()
     assert schema_errors(manifest) == []  # only the CEL rule catches it
-    rules = {r.message: r for r in CROSS_FIELD_RULES + CLUSTER_RULES}
+    rules = {r.message: r for r in MODEL_RULES}
     assert message in rules
     with pytest.raises(pydantic.ValidationError, match=message):
         ChatbotTrainingSpec.model_validate(manifest["spec"])
@@ -252,7 +288,7 @@ def test_cel_violations_pass_the_schema_but_not_the_rules(path: Path):
 
 def test_every_rule_has_a_manifest_that_breaks_it():
     covered = {load(path)[0].removeprefix("# rule:").strip() for path in CEL}
-    assert covered == {r.message for r in CROSS_FIELD_RULES + CLUSTER_RULES}
+    assert covered == {r.message for r in MODEL_RULES}
 
 
 # ----------------------------------------------------------------------------- rules
