@@ -20,10 +20,11 @@ from chatbot_trainer.dataset import (
     load_jsonl,
     prepare_conversations,
     read_records,
+    read_source,
     resolve_source,
     write_jsonl,
 )
-from chatbot_trainer.formats import to_messages
+from chatbot_trainer.formats import convert_record, to_messages
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "data" / "support.jsonl"
@@ -152,11 +153,14 @@ class TestReadRecords:
         records, errors = read_records(path)
         assert len(records) == 1 and not errors
 
-    def test_utf16_rejected_clearly(self, tmp_path):
+    def test_utf16_with_bom_read_and_noted(self, tmp_path):
         path = tmp_path / "d.jsonl"
         path.write_bytes((json.dumps(conv(1)) + "\n").encode("utf-16"))
-        with pytest.raises(DataError, match="UTF-16"):
-            read_records(path)
+        source = read_source(path)
+        assert len(source.records) == 1 and not source.errors
+        assert source.notes == [
+            "the file is UTF-16 LE (with a byte-order mark); it was read as such and converted to UTF-8"
+        ]
 
     def test_missing_file(self, tmp_path):
         with pytest.raises(DataError, match="not found"):
@@ -178,7 +182,7 @@ def noisy_dataset(tmp_path: Path) -> Path:
         json.dumps({"messages": []}),  # 34 empty
         json.dumps({"instruction": "", "output": ""}),  # 35 empty
         json.dumps({"messages": [{"role": "user", "content": "hello?"}]}),  # 36 no assistant
-        json.dumps({"messages": [{"role": "tool", "content": "{}"}]}),  # 37 bad role
+        json.dumps({"messages": [{"role": "tool", "content": "{}"}]}),  # 37 tool result without a call
         json.dumps({"question": "q", "answer": "a"}),  # 38 unknown format
         json.dumps({"prompt": "q", "completion": 5}),  # 39 bad content
         json.dumps(conv(99, "x" * 500)),  # 40 too long (with max_chars)
@@ -200,7 +204,7 @@ class TestPrepareCleaning:
         assert report["malformed"] == 1
         assert report["dropped"] == {
             "bad_content": 1,
-            "bad_role": 1,
+            "bad_tool_call": 1,
             "duplicate": 2,
             "empty": 2,
             "no_assistant_turn": 1,
@@ -214,7 +218,7 @@ class TestPrepareCleaning:
         assert [(e["line"], e["reason"]) for e in report["errors"]] == [
             (31, "invalid_json"),
             (36, "no_assistant_turn"),
-            (37, "bad_role"),
+            (37, "bad_tool_call"),
             (38, "unknown_format"),
             (39, "bad_content"),
         ]
@@ -231,7 +235,7 @@ class TestPrepareCleaning:
     def test_items_are_message_dicts(self, tmp_path):
         data = prepare_conversations(noisy_dataset(tmp_path), max_bad_line_fraction=0.2)
         for item in data.train + data.eval:
-            assert set(item) == {"messages"}
+            assert set(item) == {"line", "messages"}
             roles = [m["role"] for m in item["messages"]]
             assert set(roles) <= {"system", "user", "assistant"}
             assert roles[-1] == "assistant"
@@ -325,7 +329,7 @@ class TestPrepareFailures:
         assert "\n" not in text
 
     def test_unconvertible_records_count_towards_threshold(self):
-        records = [conv(i) for i in range(8)] + [{"messages": [{"role": "tool", "content": "x"}]}] * 2
+        records = [conv(i) for i in range(8)] + [{"messages": [{"role": "narrator", "content": "x"}]}] * 2
         with pytest.raises(DataError, match=r"2 of 10 records \(20%\).*record 9: "):
             prepare_conversations(records)
         data = prepare_conversations(records, max_bad_line_fraction=0.2)
@@ -644,10 +648,15 @@ class TestBundledExample:
     def test_readme_examples_convert(self):
         text = (EXAMPLE.parent / "README.md").read_text(encoding="utf-8")
         blocks = re.findall(r"```json\n(.*?)\n```", text, re.S)
-        assert len(blocks) == 4
+        assert len(blocks) == 6  # the four formats, then tool calling in messages and sharegpt
         for block in blocks:
             messages = to_messages(json.loads(block))
             assert messages[-1]["role"] == "assistant"
+        openai_tools, sharegpt_tools = (convert_record(json.loads(b)) for b in blocks[4:])
+        assert openai_tools.tools[0]["function"]["name"] == sharegpt_tools.tools[0]["function"]["name"] == "region_status"
+        assert [m["role"] for m in openai_tools.messages] == [m["role"] for m in sharegpt_tools.messages] == [
+            "user", "assistant", "tool", "assistant"]
+        assert openai_tools.messages[1]["tool_calls"][0]["function"] == sharegpt_tools.messages[1]["tool_calls"][0]["function"]
 
 
 def test_large_input_is_fast(tmp_path):

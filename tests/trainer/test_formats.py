@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -17,6 +18,7 @@ from chatbot_trainer.formats import (
     detect_format,
     normalise_text,
     to_messages,
+    uses_tools,
 )
 
 
@@ -141,22 +143,42 @@ class TestMessages:
     def test_message_not_an_object(self):
         assert reason_of({"messages": ["hello", msg("assistant", "x")]}) == "bad_content"
 
-    @pytest.mark.parametrize("role", ["tool", "function"])
-    def test_tool_roles_rejected_with_reason(self, role):
+    @pytest.mark.parametrize("role", ["tool", "function", "observation"])
+    def test_tool_result_without_a_call_rejected(self, role):
         record = {"messages": [msg("user", "q"), msg(role, "{}"), msg("assistant", "a")]}
         with pytest.raises(FormatError) as info:
             convert_record(record)
-        assert info.value.reason == "bad_role"
-        assert "not supported" in info.value.message
+        assert info.value.reason == "bad_tool_call"
+        assert "does not follow an assistant tool call" in info.value.message
 
-    def test_tool_calls_rejected(self):
+    def test_tool_call_without_a_name_rejected(self):
         record = {
             "messages": [
                 msg("user", "q"),
                 {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
             ]
         }
-        assert reason_of(record) == "bad_role"
+        assert reason_of(record) == "bad_tool_call"
+
+    def test_text_parts_given_as_value_are_read_and_noted(self):
+        record = {"messages": [{"role": "user", "content": [{"type": "text", "value": "q"}]},
+                               {"role": "assistant", "content": [{"type": "text", "value": "a"}]}]}
+        conv = convert_record(record)
+        assert conv.messages == [msg("user", "q"), msg("assistant", "a")]
+        assert conv.adjustments == ("text_part_value_key",)
+
+    def test_text_part_without_text_explained(self):
+        record = {"messages": [{"role": "user", "content": [{"type": "text", "body": "q"}]}, msg("assistant", "a")]}
+        with pytest.raises(FormatError) as info:
+            convert_record(record)
+        assert info.value.reason == "bad_content"
+        assert "keys: body, type" in info.value.message
+        assert '{"type": "text", "text": "..."}' in info.value.message
+
+    def test_no_user_turn_is_flagged_not_dropped(self):
+        conv = convert_record({"messages": [msg("system", "S"), msg("assistant", "a")]})
+        assert conv.flags == ("no_user_turn",)
+        assert convert_record({"messages": [msg("user", "q"), msg("assistant", "a")]}).flags == ()
 
     def test_unknown_role(self):
         with pytest.raises(FormatError) as info:
@@ -281,9 +303,15 @@ class TestShareGPT:
         record = {"conversations": [msg("user", "q"), msg("assistant", "a")]}
         assert to_messages(record) == [msg("user", "q"), msg("assistant", "a")]
 
-    def test_function_call_turn_rejected(self):
+    def test_function_call_without_a_name_rejected(self):
         record = {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"}, {"from": "gpt", "value": "a"}]}
-        assert reason_of(record) == "bad_role"
+        assert reason_of(record) == "bad_tool_call"
+
+    def test_function_call_that_is_not_json_rejected(self):
+        record = {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "get_weather(Paris)"}]}
+        with pytest.raises(FormatError) as info:
+            convert_record(record)
+        assert info.value.reason == "bad_tool_call" and "not valid JSON" in info.value.message
 
     def test_unknown_speaker(self):
         assert reason_of({"conversations": [{"from": "alien", "value": "q"}, {"from": "gpt", "value": "a"}]}) == "bad_role"
@@ -406,3 +434,135 @@ def test_modules_do_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- tool calling
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+WEATHER_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+
+class TestToolCalling:
+    def test_openai_messages_with_tools_calls_and_results(self):
+        record = {
+            "messages": [
+                msg("user", "Weather in Paris?"),
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "call_1", "type": "function",
+                                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 18}'},
+                msg("assistant", "It is 18 °C in Paris."),
+            ],
+            "tools": [WEATHER_TOOL],
+        }
+        conv = convert_record(record)
+        assert conv.tools == [WEATHER_TOOL]
+        assert conv.messages == [
+            msg("user", "Weather in Paris?"),
+            {"role": "assistant", "content": "", "tool_calls": [{**WEATHER_CALL, "id": "call_1"}]},
+            {"role": "tool", "content": '{"temp_c": 18}', "tool_call_id": "call_1"},
+            msg("assistant", "It is 18 °C in Paris."),
+        ]
+        assert uses_tools(conv.messages, conv.tools)
+
+    def test_legacy_function_call_and_function_role(self):
+        record = {
+            "functions": [WEATHER_TOOL["function"]],
+            "messages": [
+                msg("user", "Weather in Paris?"),
+                {"role": "assistant", "content": "", "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                {"role": "function", "name": "get_weather", "content": "18 C"},
+                msg("assistant", "18 °C."),
+            ],
+        }
+        conv = convert_record(record)
+        assert conv.tools == [WEATHER_TOOL]
+        assert conv.messages[1]["tool_calls"] == [WEATHER_CALL]
+        assert conv.messages[2] == {"role": "tool", "content": "18 C", "name": "get_weather"}
+
+    def test_sharegpt_function_call_and_observation(self):
+        """LLaMA-Factory's glaive tool-calling layout: tools as a JSON string of bare functions."""
+        record = {
+            "conversations": [
+                {"from": "human", "value": "Weather in Paris?"},
+                {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+                {"from": "observation", "value": '{"temp_c": 18}'},
+                {"from": "gpt", "value": "It is 18 °C."},
+            ],
+            "tools": json.dumps([WEATHER_TOOL["function"]]),
+        }
+        conv = convert_record(record)
+        assert conv.format == "sharegpt"
+        assert conv.tools == [WEATHER_TOOL]
+        assert [m["role"] for m in conv.messages] == ["user", "assistant", "tool", "assistant"]
+        assert conv.messages[1] == {"role": "assistant", "content": "", "tool_calls": [WEATHER_CALL]}
+
+    def test_parallel_calls_in_one_function_call_turn(self):
+        calls = [{"name": "get_weather", "arguments": {"city": "Paris"}},
+                 {"name": "get_weather", "arguments": {"city": "Rome"}}]
+        record = {"conversations": [{"from": "human", "value": "Paris and Rome?"},
+                                    {"from": "function_call", "value": json.dumps(calls)},
+                                    {"from": "observation", "value": "18"},
+                                    {"from": "observation", "value": "24"},
+                                    {"from": "gpt", "value": "18 and 24."}]}
+        messages = to_messages(record)
+        assert len(messages[1]["tool_calls"]) == 2
+        assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool", "assistant"]
+
+    def test_llamafactory_tool_call_parts(self):
+        record = {"messages": [
+            {"role": "user", "content": [{"type": "text", "value": "Weather in Paris?"}]},
+            {"role": "assistant", "content": [{"type": "tool_call", "value": json.dumps(WEATHER_CALL["function"])}]},
+            {"role": "tool", "content": [{"type": "text", "value": "18"}]},
+            {"role": "assistant", "content": [{"type": "text", "value": "18 °C."}]},
+        ]}
+        conv = convert_record(record)
+        assert conv.messages[1]["tool_calls"] == [WEATHER_CALL]
+        assert conv.adjustments == ("text_part_value_key",)
+
+    def test_text_and_call_in_one_assistant_turn(self):
+        record = {"messages": [msg("user", "q"),
+                               {"role": "assistant", "content": "Let me check.", "tool_calls": [WEATHER_CALL]},
+                               {"role": "tool", "content": "18"}, msg("assistant", "18.")]}
+        assert to_messages(record)[1] == {"role": "assistant", "content": "Let me check.", "tool_calls": [WEATHER_CALL]}
+
+    def test_structured_tool_result_kept_as_json_text(self):
+        record = {"messages": [msg("user", "q"), {"role": "assistant", "tool_calls": [WEATHER_CALL]},
+                               {"role": "tool", "content": {"temp_c": 18}}, msg("assistant", "18.")]}
+        assert to_messages(record)[2]["content"] == '{"temp_c": 18}'
+
+    def test_conversation_may_end_with_a_call_and_trailing_results_are_dropped(self):
+        record = {"messages": [msg("user", "q"), {"role": "assistant", "tool_calls": [WEATHER_CALL]},
+                               {"role": "tool", "content": "18"}]}
+        conv = convert_record(record)
+        assert conv.messages[-1]["tool_calls"] == [WEATHER_CALL]
+        assert conv.adjustments == ("trailing_tool_result_dropped",)
+
+    @pytest.mark.parametrize("tools", ["not json", 5, [{"description": "no name"}]])
+    def test_bad_tool_definitions(self, tools):
+        record = {"messages": [msg("user", "q"), msg("assistant", "a")], "tools": tools}
+        assert reason_of(record) == "bad_tools"
+
+    def test_arguments_that_are_not_json(self):
+        call = {"type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris"}}
+        record = {"messages": [msg("user", "q"), {"role": "assistant", "tool_calls": [call]}]}
+        assert reason_of(record) == "bad_tool_call"
+
+    def test_only_assistants_call_tools(self):
+        record = {"messages": [{"role": "user", "content": "q", "tool_calls": [WEATHER_CALL]}, msg("assistant", "a")]}
+        assert reason_of(record) == "bad_tool_call"
+
+    def test_empty_tools_mean_none(self):
+        record = {"messages": [msg("user", "q"), msg("assistant", "a")], "tools": ""}
+        conv = convert_record(record)
+        assert conv.tools is None and not uses_tools(conv.messages, conv.tools)

@@ -1,8 +1,10 @@
 """Training data for the prepare step: fetch, parse, clean, de-duplicate, split and report.
 
-The flow is ``resolve_source`` (URI → local file) → ``read_records`` (JSONL or JSON array →
-raw records plus per-line errors) → ``prepare_conversations`` (format conversion, cleaning,
-de-duplication, deterministic train/eval split and a JSON-serialisable report).
+The flow is ``resolve_source`` (URI → local file or folder) → ``read_source`` (readers.py:
+JSONL, JSON array, parquet, Arrow, a ``save_to_disk`` folder or a hub data set → raw records
+plus per-line errors) → ``prepare_conversations`` (format conversion, cleaning,
+de-duplication, deterministic train/eval split and a JSON-serialisable report that locates
+every row that was not used, adjusted or flagged by its line number).
 
 Errors meant for the person who wrote the ChatbotTraining spec are raised as
 :class:`DataError` with a one-line message saying what is wrong and what to check.
@@ -10,9 +12,6 @@ Errors meant for the person who wrote the ChatbotTraining spec are raised as
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import gzip
 import hashlib
 import json
 import os
@@ -21,13 +20,34 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .formats import FORMATS, FormatError, convert_record, detect_format, normalise_text
+from .formats import (
+    ADJUSTMENTS,
+    FLAGS,
+    FORMATS,
+    REASONS,
+    FormatError,
+    convert_record,
+    detect_format,
+    normalise_text,
+)
+from .readers import (
+    HUB_PREFIX,
+    DataError,
+    LineError,
+    RawRecord,
+    SourceRecords,
+    gc_paused,
+    json_error,
+    json_kind,
+    parse_hub_uri,
+    read_records,
+    read_source,
+)
 
 __all__ = [
     "DataError",
@@ -37,37 +57,24 @@ __all__ = [
     "load_jsonl",
     "prepare_conversations",
     "read_records",
+    "read_source",
     "resolve_source",
     "write_jsonl",
 ]
 
 DEFAULT_PVC_ROOT = "/mnt/pvc"
 MAX_REPORTED_ERRORS = 20
+MAX_REPORTED_LINES = 20  # line numbers listed per reason in the report
 _ERRORS_IN_MESSAGE = 3
 _DOWNLOAD_CHUNK = 1 << 20
 
-
-class DataError(Exception):
-    """A problem with the training data, explained in one line for the spec's author."""
-
-
-@dataclass(slots=True)
-class RawRecord:
-    """One parsed JSON value and where it came from (1-based line, or record index)."""
-
-    line: int
-    data: Any
-    unit: str = "line"
-
-
-@dataclass(slots=True)
-class LineError:
-    """A line (or array element) that could not be read as a JSON object."""
-
-    line: int
-    message: str
-    reason: str = "invalid_json"
-    unit: str = "line"
+NOT_USED: dict[str, str] = {
+    "malformed": "the line is not a JSON object (see errors for each line's problem)",
+    **REASONS,
+    "duplicate": "the same conversation as an earlier row (ignoring case and spacing)",
+    "too_long": "longer than maxSeqLength could ever hold (characters per token ceiling)",
+}
+"""Why a row was not used, with a one-line explanation each."""
 
 
 @dataclass
@@ -79,20 +86,50 @@ class PreparedData:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-@contextlib.contextmanager
-def _gc_paused():
-    """Pause the cyclic garbage collector while building many small containers.
+class RowLog:
+    """Counts per reason and the first line numbers of each, in reading order."""
 
-    Parsing creates millions of dicts and lists that are all kept; the collector's repeated
-    passes over them cost about a quarter of the run time and free nothing.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+    def __init__(self, limit: int = MAX_REPORTED_LINES) -> None:
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+        self.lines: dict[str, list[int]] = {}
+
+    def add(self, reason: str, line: int) -> None:
+        count = self.counts.get(reason, 0)
+        self.counts[reason] = count + 1
+        if count < self.limit:
+            self.lines.setdefault(reason, []).append(line)
+
+    def total(self, reasons: Iterable[str] | None = None) -> int:
+        if reasons is None:
+            return sum(self.counts.values())
+        return sum(self.counts.get(reason, 0) for reason in reasons)
+
+    def sorted_counts(self, exclude: Iterable[str] = ()) -> dict[str, int]:
+        return {k: v for k, v in sorted(self.counts.items()) if k not in exclude}
+
+    def located(self, meanings: dict[str, str]) -> dict[str, dict[str, Any]]:
+        """{reason: {"count", "lines" (the first ones), "meaning"}}."""
+        return {
+            reason: {
+                "count": count,
+                "lines": sorted(self.lines.get(reason, [])),
+                "meaning": meanings.get(reason, ""),
+            }
+            for reason, count in sorted(self.counts.items())
+        }
+
+    def describe(self, reasons: Iterable[str], unit: str, shown: int = 5) -> str:
+        """'3 duplicate (lines 4, 9, 12), 1 empty (line 7)' for the given reasons."""
+        parts = []
+        for reason in reasons:
+            count = self.counts.get(reason, 0)
+            if count:
+                lines = sorted(self.lines.get(reason, []))[:shown]
+                more = ", …" if count > len(lines) else ""
+                plural = "s" if len(lines) > 1 else ""
+                parts.append(f"{count} {reason} ({unit}{plural} {', '.join(map(str, lines))}{more})")
+        return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- sources
@@ -126,8 +163,11 @@ def _check_file(path: Path, shown: str, hint: str) -> Path:
     if not path.exists():
         raise DataError(f"training data not found: {shown}; {hint}")
     if path.is_dir():
+        if any((path / marker).is_file() for marker in ("state.json", "dataset_dict.json")):
+            return path  # a folder written by datasets' save_to_disk
         raise DataError(
-            f"training data {shown} is a directory; point trainingData at a .jsonl or .json file"
+            f"training data {shown} is a directory; point trainingData at a .jsonl, .json or "
+            ".parquet file, or at a folder written by datasets' save_to_disk"
         )
     try:
         size = path.stat().st_size
@@ -157,21 +197,29 @@ def resolve_source(
     pvc_root: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     timeout: float = 60.0,
-) -> Path:
-    """Turn a ``trainingData`` value into a readable local file.
+) -> Path | str:
+    """Turn a ``trainingData`` value into something :func:`read_source` reads.
 
-    * a local path or ``file://`` URI is used as is;
+    * a local path or ``file://`` URI is used as is (a file, or a folder written by
+      ``datasets``' ``save_to_disk``);
     * ``pvc://<claim>/<path>`` maps to ``<pvc_root>/<claim>/<path>``, where the Job mounts
       claims (``pvc_root`` defaults to ``$CHATBOT_PVC_ROOT`` or ``/mnt/pvc``);
     * ``http://`` / ``https://`` is downloaded into ``cache_dir``;
-    * ``s3://bucket/key`` is downloaded into ``cache_dir`` with boto3.
+    * ``s3://bucket/key`` is downloaded into ``cache_dir`` with boto3;
+    * ``hf://datasets/<owner>/<name>[@<revision>][/<file>]`` is returned as is (checked): the
+      ``datasets`` library downloads it into its cache when it is read.
 
-    Raises :class:`DataError` when the file is missing, a directory, empty, or cannot be
-    downloaded.
+    Raises :class:`DataError` when the file is missing, a directory of another kind, empty,
+    or cannot be downloaded.
     """
     uri = uri.strip()
     if not uri:
-        raise DataError("trainingData is empty; give a path, pvc://, https:// or s3:// URI")
+        raise DataError(
+            "trainingData is empty; give a path, pvc://, https://, s3:// or hf://datasets/ URI"
+        )
+    if uri.startswith(HUB_PREFIX):
+        parse_hub_uri(uri)
+        return uri
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
 
     if scheme == "pvc":
@@ -201,7 +249,7 @@ def resolve_source(
     elif scheme:
         raise DataError(
             f"unsupported data URI scheme {scheme!r} in {_redact(uri)}; use a path, "
-            "pvc://<claim>/<path>, https://… or s3://bucket/key"
+            "pvc://<claim>/<path>, https://…, s3://bucket/key or hf://datasets/<owner>/<name>"
         )
     else:
         path = Path(uri).expanduser()
@@ -287,138 +335,6 @@ def _download_s3(uri: str, cache_dir: Path) -> Path:
     return _check_file(target, f"{uri} (downloaded to {target})", "check the bucket and key")
 
 
-# --------------------------------------------------------------------------- reading
-
-
-def _json_kind(value: Any) -> str:
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    return "a number"
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise DataError(f"training data not found: {path}") from exc
-    except IsADirectoryError as exc:
-        raise DataError(f"training data {path} is a directory") from exc
-    except OSError as exc:
-        raise DataError(f"cannot read training data {path}: {exc.strerror or exc}") from exc
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise DataError(f"training data {path} looks gzip-compressed but is damaged") from exc
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise DataError(f"training data {path} is UTF-16 encoded; save it as UTF-8")
-    if data[:3] == b"\xef\xbb\xbf":
-        data = data[3:]
-    return data
-
-
-def read_records(path: str | os.PathLike[str]) -> tuple[list[RawRecord], list[LineError]]:
-    """Parse a JSONL file or a JSON array file into records and per-line errors.
-
-    JSONL: one JSON object per line, blank lines ignored, line numbers 1-based. A file whose
-    first non-blank character is ``[`` is read as a JSON array whose elements are numbered
-    as records from 1. A UTF-8 BOM and gzip compression are handled; invalid UTF-8 or JSON on
-    a line becomes a :class:`LineError` for that line.
-    """
-    path = Path(path)
-    data = _read_bytes(path)
-    with _gc_paused():
-        if data.lstrip()[:1] == b"[":
-            parsed = _read_array(path, data)
-            if parsed is not None:
-                return parsed
-        return _read_jsonl(data)
-
-
-def _read_array(path: Path, data: bytes) -> tuple[list[RawRecord], list[LineError]] | None:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError(
-            f"training data {path} is not valid UTF-8 (line {line}); save it as UTF-8"
-        ) from exc
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # a JSONL file whose first line is an array
-            return None
-        raise DataError(
-            f"training data {path} is not valid JSON: {exc.msg} at line {exc.lineno} "
-            f"column {exc.colno}"
-        ) from exc
-    records: list[RawRecord] = []
-    errors: list[LineError] = []
-    for index, value in enumerate(values, 1):
-        if isinstance(value, dict):
-            records.append(RawRecord(index, value, "record"))
-        else:
-            errors.append(
-                LineError(
-                    index, f"expected a JSON object, got {_json_kind(value)}", "not_an_object",
-                    "record",
-                )
-            )
-    return records, errors
-
-
-def _read_jsonl(data: bytes) -> tuple[list[RawRecord], list[LineError]]:
-    records: list[RawRecord] = []
-    errors: list[LineError] = []
-    try:
-        lines: list[str] | list[bytes] = data.decode("utf-8").split("\n")
-        decoded = True
-    except UnicodeDecodeError:
-        lines = data.split(b"\n")
-        decoded = False
-    loads = json.loads
-    for number, line in enumerate(lines, 1):
-        if not decoded:
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                if not line.strip():
-                    continue
-                errors.append(
-                    LineError(
-                        number,
-                        f"invalid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1})",
-                        "invalid_utf8",
-                    )
-                )
-                continue
-        if not line or line.isspace():
-            continue
-        try:
-            value = loads(line)
-        except json.JSONDecodeError as exc:
-            errors.append(LineError(number, f"{exc.msg} at column {exc.colno}", "invalid_json"))
-            continue
-        except RecursionError:
-            errors.append(LineError(number, "JSON nested too deeply", "invalid_json"))
-            continue
-        if type(value) is dict:
-            records.append(RawRecord(number, value))
-        else:
-            errors.append(
-                LineError(
-                    number, f"expected a JSON object, got {_json_kind(value)}", "not_an_object"
-                )
-            )
-    return records, errors
-
-
 # --------------------------------------------------------------------------- preparing
 
 
@@ -431,23 +347,33 @@ def _fold(text: str) -> str:
     return text.lower() if text.isascii() else text.casefold()
 
 
-def _conversation_keys(messages: list[dict[str, str]]) -> tuple[bytes, bytes]:
+# NUL never survives normalise_text, so these separate turns unambiguously.
+_ROLE_MARKS = {"user": "\x00u ", "assistant": "\x00a ", "tool": "\x00t "}
+
+
+def _conversation_keys(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> tuple[bytes, bytes]:
     """(dedupe key, split key). Comparison ignores case and whitespace differences.
 
-    The split key leaves out the system message so that changing the system prompt does not
-    move conversations between train and eval.
+    The split key leaves out the system message and the tool definitions, so that changing
+    them does not move conversations between train and eval.
     """
     system = ""
     body: list[str] = []
     for message in messages:
-        if message["role"] == "system":
+        role = message["role"]
+        if role == "system":
             system = message["content"]
-        else:
-            # NUL never survives normalise_text, so it separates turns unambiguously.
-            body.append("\x00u " if message["role"] == "user" else "\x00a ")
-            body.append(message["content"])
+            continue
+        body.append(_ROLE_MARKS[role])
+        body.append(message["content"])
+        if "tool_calls" in message:
+            body.append(json.dumps(message["tool_calls"], sort_keys=True, ensure_ascii=False))
     text = " ".join(_fold("".join(body)).split())
     split_key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    if tools:
+        system += "\x00" + json.dumps(tools, sort_keys=True, ensure_ascii=False)
     if not system:
         return split_key, split_key
     folded_system = " ".join(_fold(system).split())
@@ -455,6 +381,18 @@ def _conversation_keys(messages: list[dict[str, str]]) -> tuple[bytes, bytes]:
         folded_system.encode("utf-8", "surrogatepass") + b"\x00" + split_key, digest_size=16
     ).digest()
     return dedupe_key, split_key
+
+
+def _conversation_chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
+    """Characters a chat template renders at least: contents, tool calls and tool definitions."""
+    chars = 0
+    for message in messages:
+        chars += len(message["content"])
+        if "tool_calls" in message:
+            chars += len(json.dumps(message["tool_calls"], ensure_ascii=False))
+    if tools:
+        chars += len(json.dumps(tools, ensure_ascii=False))
+    return chars
 
 
 def _split_values(keys: list[bytes], seed: int) -> list[float]:
@@ -481,13 +419,18 @@ def prepare_conversations(
 ) -> PreparedData:
     """Read, convert, clean, de-duplicate and split the training conversations.
 
-    ``path_or_records`` is a local file (see :func:`read_records`) or an iterable of records
-    (dicts or :class:`RawRecord`). ``fmt`` forces one of :data:`~.formats.FORMATS` instead
-    of per-record detection. ``system_prompt`` is added to conversations without a system
-    message. Conversations whose content is longer than ``max_chars`` characters in total are
-    dropped. The split is decided per conversation by a hash of its content and ``seed``, so
-    appending rows never moves existing ones; eval gets at least one conversation whenever
+    ``path_or_records`` is a local file or folder, or an ``hf://datasets/`` URI (see
+    :func:`read_source`), or an iterable of records (dicts or :class:`RawRecord`). ``fmt``
+    forces one of :data:`~.formats.FORMATS` instead of per-record detection.
+    ``system_prompt`` is added to conversations without a system message. Conversations that
+    render to more than ``max_chars`` characters (contents, tool calls and tool definitions)
+    are dropped. The split is decided per conversation by a hash of its content and ``seed``,
+    so appending rows never moves existing ones; eval gets at least one conversation whenever
     two or more are kept and ``eval_fraction > 0``.
+
+    Each kept conversation is ``{"line": n, "messages": [...]}`` plus ``"tools"`` when it
+    defines tools; ``line`` is where it came from (a line, record or row number, see the
+    report's ``unit``).
 
     Raises :class:`DataError` when more than ``max_bad_line_fraction`` of the records are
     malformed or cannot be converted, or when no conversation is left.
@@ -503,7 +446,7 @@ def prepare_conversations(
     if max_chars is not None and max_chars < 1:
         raise DataError(f"max_chars must be positive, got {max_chars}")
 
-    with _gc_paused():
+    with gc_paused():
         return _prepare(
             path_or_records,
             fmt=fmt,
@@ -514,6 +457,25 @@ def prepare_conversations(
             dedupe=dedupe,
             system_prompt=system_prompt,
         )
+
+
+def _records_in_memory(items: Iterable[Any]) -> SourceRecords:
+    records: list[RawRecord] = []
+    errors: list[LineError] = []
+    for index, item in enumerate(items, 1):
+        if isinstance(item, RawRecord):
+            records.append(item)
+        elif isinstance(item, dict):
+            records.append(RawRecord(index, item, "record"))
+        else:
+            errors.append(
+                LineError(
+                    index, f"expected a JSON object, got {json_kind(item)}", "not_an_object",
+                    "record",
+                )
+            )
+    unit = records[0].unit if records else "record"
+    return SourceRecords(records, errors, unit, "records")
 
 
 def _prepare(
@@ -529,66 +491,71 @@ def _prepare(
 ) -> PreparedData:
     if isinstance(path_or_records, (str, os.PathLike)):
         source = str(path_or_records)
-        records, line_errors = read_records(path_or_records)
+        read = read_source(path_or_records)
     else:
         source = "<records>"
-        records, line_errors = [], []
-        for index, item in enumerate(path_or_records, 1):
-            if isinstance(item, RawRecord):
-                records.append(item)
-            elif isinstance(item, dict):
-                records.append(RawRecord(index, item, "record"))
-            else:
-                line_errors.append(
-                    LineError(
-                        index, f"expected a JSON object, got {_json_kind(item)}",
-                        "not_an_object", "record",
-                    )
-                )
-    unit = records[0].unit if records else (line_errors[0].unit if line_errors else "line")
+        read = _records_in_memory(path_or_records)
+    records, line_errors, unit = read.records, read.errors, read.unit
 
     system_text = normalise_text(system_prompt).strip() if system_prompt else ""
-    formats: Counter[str] = Counter()
-    dropped: Counter[str] = Counter()
-    adjusted: Counter[str] = Counter()
+    formats: dict[str, int] = {}
+    not_used, adjusted, flagged = RowLog(), RowLog(), RowLog()
+    tool_rows = RowLog()
     errors: list[tuple[int, str, str]] = [(e.line, e.reason, e.message) for e in line_errors]
-    unconvertible = 0
+    for e in line_errors:
+        not_used.add("malformed", e.line)
+    own_system = 0
     seen: set[bytes] = set()
-    kept: list[tuple[int, list[dict[str, str]], bytes]] = []  # (line, messages, split key)
+    kept: list[tuple[dict[str, Any], bytes]] = []  # (conversation, split key)
+    kept_chars: list[int] = []
 
     for record in records:
+        line = record.line
         detected = None
         try:
             detected = fmt if fmt != "auto" else detect_format(record.data)
             conversion = convert_record(record.data, detected)
         except FormatError as exc:
-            dropped[exc.reason] += 1
+            not_used.add(exc.reason, line)
             if exc.reason != "empty":
-                unconvertible += 1
-                errors.append((record.line, exc.reason, exc.message))
+                errors.append((line, exc.reason, exc.message))
             if detected is not None:
-                formats[detected] += 1
+                formats[detected] = formats.get(detected, 0) + 1
             continue
-        formats[detected] += 1
-        messages = conversion.messages
-        if conversion.trailing_user_dropped:
-            adjusted["trailing_user_turn_dropped"] += 1
-        if system_text and messages[0]["role"] != "system":
+        formats[detected] = formats.get(detected, 0) + 1
+        messages, tools = conversion.messages, conversion.tools
+        has_system = messages[0]["role"] == "system"
+        if system_text and not has_system:
             messages.insert(0, {"role": "system", "content": system_text})
-            adjusted["system_prompt_added"] += 1
-        if max_chars is not None and sum(len(m["content"]) for m in messages) > max_chars:
-            dropped["too_long"] += 1
+        chars = _conversation_chars(messages, tools)
+        if max_chars is not None and chars > max_chars:
+            not_used.add("too_long", line)
             continue
-        dedupe_key, split_key = _conversation_keys(messages)
+        dedupe_key, split_key = _conversation_keys(messages, tools)
         if dedupe:
             if dedupe_key in seen:
-                dropped["duplicate"] += 1
+                not_used.add("duplicate", line)
                 continue
             seen.add(dedupe_key)
-        kept.append((record.line, messages, split_key))
+        for note in conversion.adjustments:
+            adjusted.add(note, line)
+        for flag in conversion.flags:
+            flagged.add(flag, line)
+        if has_system:
+            own_system += 1
+        elif system_text:
+            adjusted.add("system_prompt_added", line)
+        conversation: dict[str, Any] = {"line": line, "messages": messages}
+        if tools:
+            conversation["tools"] = tools
+        if conversion.uses_tools:
+            tool_rows.add("tools", line)
+        kept.append((conversation, split_key))
+        kept_chars.append(chars)
 
     lines_read = len(records) + len(line_errors)
     errors.sort(key=lambda e: e[0])
+    unconvertible = not_used.total(r for r in REASONS if r != "empty")
     bad = len(line_errors) + unconvertible
     if lines_read == 0:
         raise DataError(f"training data {source} holds no records")
@@ -602,20 +569,22 @@ def _prepare(
             f"first errors: {first}"
         )
     if not kept:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.most_common()) or "none"
+        reasons = not_used.describe(sorted(not_used.counts), unit) or "none"
         raise DataError(
             f"no usable conversations in {source}: {lines_read} {unit}s read, all dropped "
             f"({reasons})"
         )
 
-    train_idx, eval_idx = _split([key for _, _, key in kept], eval_fraction, seed)
-    train = [{"messages": kept[i][1]} for i in train_idx]
-    evals = [{"messages": kept[i][1]} for i in eval_idx]
+    train_idx, eval_idx = _split([key for _, key in kept], eval_fraction, seed)
+    train = [kept[i][0] for i in train_idx]
+    evals = [kept[i][0] for i in eval_idx]
 
-    turns = [len(m) for _, m, _ in kept]
-    chars = [sum(len(x["content"]) for x in m) for _, m, _ in kept]
+    turns = [len(c["messages"]) for c, _ in kept]
     report: dict[str, Any] = {
         "source": source,
+        "reader": read.reader,
+        "unit": unit,
+        "notes": list(read.notes),
         "lines_read": lines_read,
         "malformed": len(line_errors),
         "errors": [
@@ -623,12 +592,29 @@ def _prepare(
             for line, reason, message in errors[:MAX_REPORTED_ERRORS]
         ],
         "formats": dict(sorted(formats.items())),
-        "dropped": dict(sorted(dropped.items())),
-        "adjusted": dict(sorted(adjusted.items())),
+        "dropped": not_used.sorted_counts(exclude=("malformed",)),
+        "adjusted": adjusted.sorted_counts(),
+        "flagged": flagged.sorted_counts(),
+        "rows": {
+            "not_used": not_used.located(NOT_USED),
+            "flagged": flagged.located(FLAGS),
+            "adjusted": adjusted.located(
+                {**ADJUSTMENTS, "system_prompt_added": "data.systemPrompt was added (no system message)"}
+            ),
+        },
+        "tools": {
+            "conversations": tool_rows.counts.get("tools", 0),
+            "lines": tool_rows.lines.get("tools", []),
+        },
+        "system_prompts": {
+            "own": own_system,
+            "added": adjusted.counts.get("system_prompt_added", 0),
+            "none": len(kept) - own_system - adjusted.counts.get("system_prompt_added", 0),
+        },
         "kept": len(kept),
         "train": len(train),
         "eval": len(evals),
-        "stats": {"turns": _summary(turns, 2), "chars": _summary(chars, 1)},
+        "stats": {"turns": _summary(turns, 2), "chars": _summary(kept_chars, 1)},
         "settings": {
             "format": fmt,
             "eval_fraction": eval_fraction,
@@ -640,6 +626,29 @@ def _prepare(
         },
     }
     return PreparedData(train=train, eval=evals, report=report)
+
+
+def report_summary(report: dict[str, Any], lines_per_reason: int = 5) -> dict[str, Any]:
+    """The compact part of a data report for status: counts and the first lines per reason."""
+    rows = report.get("rows", {})
+    first_lines = {
+        reason: entry["lines"][:lines_per_reason]
+        for group in ("not_used", "flagged")
+        for reason, entry in rows.get(group, {}).items()
+    }
+    summary: dict[str, Any] = {
+        "train": report["train"],
+        "eval": report["eval"],
+        "malformed": report["malformed"],
+        "dropped": report["dropped"],
+    }
+    if report.get("flagged"):
+        summary["flagged"] = report["flagged"]
+    if first_lines:
+        summary["first_" + report.get("unit", "line") + "s"] = first_lines
+    if report.get("tools", {}).get("conversations"):
+        summary["tool_conversations"] = report["tools"]["conversations"]
+    return summary
 
 
 def _summary(values: list[int], digits: int) -> dict[str, float]:
@@ -713,5 +722,5 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Any]:
         try:
             items.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {number}: {exc.msg} at column {exc.colno}") from exc
+            raise DataError(f"{path}: line {number}: {json_error(exc)}") from exc
     return items

@@ -1,8 +1,10 @@
 """Conversations → token ids and labels: the loss is computed on the assistant's tokens only.
 
-Each conversation is rendered with the tokenizer's chat template and tokenized once. Labels
-are the token ids on the assistant's turns (including the token that ends the turn, which is
-what teaches the model to stop) and -100 everywhere else. The assistant's characters come from:
+Each conversation is rendered with the tokenizer's chat template (with its tool definitions,
+``apply_chat_template(..., tools=...)``, when it has any) and tokenized once. Labels are the
+token ids on the assistant's turns, text and tool calls alike (including the token that ends
+the turn, which is what teaches the model to stop), and -100 everywhere else: system, user and
+tool-result turns, and the tool definitions. The assistant's characters come from:
 
 - the template's ``{% generation %}`` markers, when it has them (our ChatML template does);
 - otherwise, for any template: the conversation rendered up to each assistant message with
@@ -14,7 +16,9 @@ when it overlaps a span), so the whole data set is tokenized in a few batched ca
 tokenizers (no offsets) tokenize each span on its own instead.
 
 Conversations longer than ``max_seq_length`` tokens are dropped, not truncated (a truncated
-conversation teaches the model to stop mid-answer), and counted.
+conversation teaches the model to stop mid-answer), and counted. Conversations with tools are
+dropped and counted (``tools_unsupported``) when the chat template cannot express tool calls
+(see template_features.py); the configure step reports that before training.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from chatbot_trainer.formats import uses_tools
 from chatbot_trainer.models import CHATML_TEMPLATE, IM_END, IM_START
+from chatbot_trainer.template_features import tool_support_gap
 
 IGNORE_INDEX = -100
 TOKENIZE_CHUNK = 2048  # conversations per batched tokenizer call
+MAX_REPORTED_LINES = 20  # source line numbers listed per drop reason
 
-DROP_REASONS = ("too_many_tokens", "no_assistant_tokens", "template_error")
+DROP_REASONS = ("too_many_tokens", "no_assistant_tokens", "template_error", "tools_unsupported")
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -50,12 +57,13 @@ def _template_kwargs(tokenizer) -> dict[str, Any]:
     return dict(tokenizer.special_tokens_map)
 
 
-def _render_marked(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[Span]]:
+def _render_marked(tokenizer, messages: list[dict[str, Any]], tools=None) -> tuple[str, list[Span]]:
     """Render with {% generation %} markers: the text and the assistant's character spans."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     rendered, indices = render_jinja_template(
         conversations=[messages],
+        tools=tools,
         chat_template=tokenizer.chat_template,
         return_assistant_tokens_mask=True,
         add_generation_prompt=False,
@@ -64,7 +72,7 @@ def _render_marked(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list
     return rendered[0], [(int(a), int(b)) for a, b in indices[0] if b > a]
 
 
-def _render_chatml(messages: list[dict[str, str]]) -> tuple[str, list[Span]]:
+def _render_chatml(messages: list[dict[str, str]], tools=None) -> tuple[str, list[Span]]:
     """CHATML_TEMPLATE rendered directly (same text and spans as the Jinja template, ~20x faster)."""
     parts: list[str] = []
     spans: list[Span] = []
@@ -85,33 +93,37 @@ def _render_chatml(messages: list[dict[str, str]]) -> tuple[str, list[Span]]:
 
 
 def _renderer(tokenizer):
-    """The function rendering one conversation to (text, assistant spans) for this tokenizer."""
+    """The function rendering one conversation (messages, tools) to (text, assistant spans).
+
+    The direct ChatML renderer knows no tools; CHATML_TEMPLATE cannot express them either, so
+    tool conversations never reach it (tokenize_dataset drops them first).
+    """
     if tokenizer.chat_template == CHATML_TEMPLATE:
         return _render_chatml
     if has_generation_markers(tokenizer):
-        return lambda messages: _render_marked(tokenizer, messages)
-    return lambda messages: _render_by_prefixes(tokenizer, messages)
+        return lambda messages, tools=None: _render_marked(tokenizer, messages, tools)
+    return lambda messages, tools=None: _render_by_prefixes(tokenizer, messages, tools)
 
 
-def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+def _render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool, tools=None) -> str:
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
     )
 
 
-def _render_by_prefixes(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[Span]]:
+def _render_by_prefixes(tokenizer, messages: list[dict[str, Any]], tools=None) -> tuple[str, list[Span]]:
     """Any template: find each assistant turn as the text between two renders of the prefix.
 
     Raises ValueError when the template does not render conversations as growing prefixes
     (a template that rewrites earlier turns cannot be labelled this way).
     """
-    text = _render(tokenizer, messages, add_generation_prompt=False)
+    text = _render(tokenizer, messages, False, tools)
     spans: list[Span] = []
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
-        start_text = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        end_text = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        start_text = _render(tokenizer, messages[:i], True, tools) if i else ""
+        end_text = _render(tokenizer, messages[: i + 1], False, tools)
         if not end_text.startswith(start_text) or not text.startswith(end_text):
             raise ValueError("the chat template does not render conversations as growing prefixes")
         start, end = len(start_text), len(end_text)
@@ -122,8 +134,10 @@ def _render_by_prefixes(tokenizer, messages: list[dict[str, str]]) -> tuple[str,
     return text, spans
 
 
-def render_conversation(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[Span]]:
+def render_conversation(tokenizer, messages: list[dict[str, Any]], tools=None) -> tuple[str, list[Span]]:
     """The conversation as text and the character spans of the assistant's turns."""
+    if tools:
+        return _renderer(tokenizer)(messages, tools)
     return _renderer(tokenizer)(messages)
 
 
@@ -212,36 +226,52 @@ def _finish(ids: np.ndarray, labels: np.ndarray, max_seq_length: int) -> tuple[d
     return {"input_ids": ids, "labels": labels}, "kept"
 
 
-def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_seq_length: int) -> dict | None:
+def tokenize_conversation(
+    tokenizer, messages: list[dict[str, Any]], max_seq_length: int, tools: list[dict[str, Any]] | None = None
+) -> dict | None:
     """One conversation → {"input_ids", "labels"} (int32 arrays), or None when it is dropped.
 
-    Dropped: longer than max_seq_length tokens, no assistant tokens, or the template refused it.
+    Dropped: longer than max_seq_length tokens, no assistant tokens, the template refused it or
+    cannot express its tools.
     """
-    examples, _ = tokenize_dataset(tokenizer, [{"messages": messages}], max_seq_length)
+    conversation = {"messages": messages, **({"tools": tools} if tools else {})}
+    examples, _ = tokenize_dataset(tokenizer, [conversation], max_seq_length)
     return examples[0] if examples else None
 
 
-def _messages_of(conversation: Any) -> list[dict[str, str]]:
+def _parts_of(conversation: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, int | None]:
+    """(messages, tools, source line) of ``{"messages", "tools"?, "line"?}`` or a message list."""
     if isinstance(conversation, dict):
-        return conversation["messages"]
-    return list(conversation)
+        return conversation["messages"], conversation.get("tools"), conversation.get("line")
+    return list(conversation), None, None
 
 
 def tokenize_dataset(
     tokenizer, conversations: Iterable[Any], max_seq_length: int
-) -> tuple[list[dict[str, np.ndarray]], dict[str, int]]:
-    """Tokenize conversations (``{"messages": [...]}`` or message lists) for training.
+) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """Tokenize conversations (``{"messages": [...], "tools"?: [...]}`` or message lists).
 
     Returns the kept examples, in input order, and counts: ``total``, ``kept``, one key per
-    drop reason (``too_many_tokens``, ``no_assistant_tokens``, ``template_error``), ``tokens``
-    and ``label_tokens`` (over the kept examples).
+    drop reason (``too_many_tokens``, ``no_assistant_tokens``, ``template_error``,
+    ``tools_unsupported``), ``tokens`` and ``label_tokens`` (over the kept examples), and, when
+    the conversations carry the ``line`` prepare gave them and some were dropped,
+    ``dropped_lines``: the first source lines per drop reason.
     """
-    counts = {"total": 0, "kept": 0, **{reason: 0 for reason in DROP_REASONS}, "tokens": 0, "label_tokens": 0}
+    counts: dict[str, Any] = {
+        "total": 0, "kept": 0, **{reason: 0 for reason in DROP_REASONS}, "tokens": 0, "label_tokens": 0,
+    }
+    dropped_lines: dict[str, list[int]] = {}
     examples: list[dict[str, np.ndarray]] = []
     render = _renderer(tokenizer)
     fast = bool(getattr(tokenizer, "is_fast", False))
+    tools_gap: list[str | None] = []  # checked once, at the first conversation with tools
 
-    def flush(texts: list[str], spans: list[list[Span]]) -> None:
+    def drop(reason: str, line: int | None) -> None:
+        counts[reason] += 1
+        if line is not None and counts[reason] <= MAX_REPORTED_LINES:
+            dropped_lines.setdefault(reason, []).append(line)
+
+    def flush(texts: list[str], spans: list[list[Span]], lines: list[int | None]) -> None:
         if not texts:
             return
         if fast:
@@ -249,34 +279,46 @@ def tokenize_dataset(
             tokenized = (_label_encoding(encoding, s) for encoding, s in zip(encodings, spans))
         else:
             tokenized = (_tokenize_pieces(tokenizer, t, s) for t, s in zip(texts, spans))
-        for ids, labels in tokenized:
+        for (ids, labels), line in zip(tokenized, lines):
             example, reason = _finish(ids, labels, max_seq_length)
-            counts[reason] += 1
-            if example is not None:
-                examples.append(example)
-                counts["tokens"] += len(ids)
-                counts["label_tokens"] += int((labels != IGNORE_INDEX).sum())
+            if example is None:
+                drop(reason, line)
+                continue
+            counts["kept"] += 1
+            examples.append(example)
+            counts["tokens"] += len(ids)
+            counts["label_tokens"] += int((labels != IGNORE_INDEX).sum())
 
     texts: list[str] = []
     spans: list[list[Span]] = []
+    lines: list[int | None] = []
     for conversation in conversations:
         counts["total"] += 1
-        messages = _messages_of(conversation)
+        messages, tools, line = _parts_of(conversation)
         if not any(m.get("role") == "assistant" for m in messages):
-            counts["no_assistant_tokens"] += 1
+            drop("no_assistant_tokens", line)
             continue
+        if uses_tools(messages, tools):
+            if not tools_gap:
+                tools_gap.append(tool_support_gap(tokenizer))
+            if tools_gap[0] is not None:
+                drop("tools_unsupported", line)
+                continue
         try:
-            text, conv_spans = render(messages)
+            text, conv_spans = render(messages, tools) if tools else render(messages)
         except Exception:  # the template rejected the conversation (e.g. roles must alternate)
-            counts["template_error"] += 1
+            drop("template_error", line)
             continue
         if not conv_spans:
-            counts["no_assistant_tokens"] += 1
+            drop("no_assistant_tokens", line)
             continue
         texts.append(text)
         spans.append(conv_spans)
+        lines.append(line)
         if len(texts) >= TOKENIZE_CHUNK:
-            flush(texts, spans)
-            texts, spans = [], []
-    flush(texts, spans)
+            flush(texts, spans, lines)
+            texts, spans, lines = [], [], []
+    flush(texts, spans, lines)
+    if dropped_lines:
+        counts["dropped_lines"] = dropped_lines
     return examples, counts

@@ -1,10 +1,21 @@
-"""Step 1, prepare: read the chat data, normalise it, drop bad rows, split train/eval."""
+"""Step 1, prepare: read the chat data, normalise it, drop bad rows, split train/eval.
+
+The data report (``prepare/report.json``, and ``data`` in the local run's details.json) locates
+every row that was not used, adjusted or flagged by its line number; the status summary holds
+the counts and the first line numbers per reason.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from chatbot_trainer.dataset import DataError, prepare_conversations, resolve_source, write_jsonl
+from chatbot_trainer.dataset import (
+    DataError,
+    prepare_conversations,
+    report_summary,
+    resolve_source,
+    write_jsonl,
+)
 from chatbot_trainer.errors import InvalidData
 from chatbot_trainer.workspace import StepContext, write_json_atomic
 
@@ -38,10 +49,5 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "train_path": str(out / "train.jsonl"),
         "eval_path": str(out / "eval.jsonl"),
         "report": report,
-        "summary": {
-            "train": report["train"],
-            "eval": report["eval"],
-            "malformed": report["malformed"],
-            "dropped": report["dropped"],
-        },
+        "summary": report_summary(report),
     }

@@ -1,0 +1,147 @@
+"""What a chat template can express, found by rendering a probe conversation with it.
+
+Tool calling: a template supports it when a conversation with a tool definition, an assistant
+tool call and the tool's result renders all three (templates without tool support drop the
+definitions and render the call as an empty assistant turn). The configure step uses this to
+say, before training, that a base model cannot learn the data's tool calls and how many rows
+that affects; tokenize_dataset uses it to leave such rows out rather than train on a rendering
+that lost them.
+
+The default system prompt a template injects (SmolLM2, Qwen2.5) is read the same way, by
+modelfile.default_system_prompt; the configure step reports it beside the data's own system
+prompts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chatbot_trainer.errors import InvalidData
+
+PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "probe_lookup",
+        "description": "Probe description 5c1e",
+        "parameters": {
+            "type": "object",
+            "properties": {"query": {"type": "string", "description": "what to look up"}},
+            "required": ["query"],
+        },
+    },
+}
+# A 9-character alphanumeric call id: Mistral's template refuses any other.
+PROBE_CONVERSATION = [
+    {"role": "user", "content": "Probe question 5c1e"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "probe5c1e",
+                "type": "function",
+                "function": {"name": "probe_lookup", "arguments": {"query": "probe argument 5c1e"}},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "probe5c1e", "name": "probe_lookup", "content": "Probe result 5c1e"},
+    {"role": "assistant", "content": "Probe answer 5c1e"},
+]
+_EXPECTED = (
+    ("Probe description 5c1e", "the tool definitions"),
+    ("probe argument 5c1e", "the assistant's tool calls"),
+    ("Probe result 5c1e", "the tool results"),
+)
+TOOL_TEMPLATE_EXAMPLES = "Qwen/Qwen2.5-0.5B-Instruct or meta-llama/Llama-3.2-1B-Instruct"
+
+
+def template_tool_support_gap(chat_template: str | None, special_tokens: dict[str, Any] | None = None) -> str | None:
+    """None when ``chat_template`` renders tool definitions, calls and results; else what it lacks."""
+    if not chat_template:
+        return "there is no chat template"
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        rendered, _ = render_jinja_template(
+            conversations=[PROBE_CONVERSATION],
+            tools=[PROBE_TOOL],
+            chat_template=chat_template,
+            **(special_tokens or {}),
+        )
+    except Exception as exc:  # the template raised (raise_exception) or needs other variables
+        return f"it fails on a tool-calling conversation ({type(exc).__name__}: {exc})"
+    missing = [what for marker, what in _EXPECTED if marker not in rendered[0]]
+    return f"it leaves out {' and '.join(missing)}" if missing else None
+
+
+def tool_support_gap(tokenizer) -> str | None:
+    """:func:`template_tool_support_gap` for a tokenizer's chat template."""
+    template = tokenizer.chat_template
+    if not isinstance(template, str):
+        return "there is no chat template" if not template else "it has several named chat templates"
+    return template_tool_support_gap(template, dict(tokenizer.special_tokens_map))
+
+
+def _lines(entry: dict[str, Any], unit: str, shown: int = 5) -> str:
+    lines = entry.get("lines", [])[:shown]
+    more = ", …" if entry.get("conversations", 0) > len(lines) else ""
+    return f"{unit}{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))}{more}"
+
+
+def check_chat_template(tokenizer, model: str, data_report: dict[str, Any], max_unusable_fraction: float) -> dict[str, Any]:
+    """What the base model's chat template means for the prepared data, before training.
+
+    Returns ``{"tools": "supported" | "unsupported" | "not used", "tools_gap",
+    "tool_conversations", "default_system_prompt", "conversations_without_system_prompt",
+    "warnings": [...], "notes": [...]}``.
+    Raises :class:`InvalidData` when the template cannot express tools and more than
+    ``max_unusable_fraction`` of the kept conversations use them (training would silently
+    lose them); a smaller share gives a warning: those rows are left out of training.
+    """
+    from chatbot_trainer.models import CHATML_TEMPLATE
+    from chatbot_trainer.modelfile import default_system_prompt
+
+    warnings: list[str] = []
+    unit = data_report.get("unit", "line")
+    kept = int(data_report.get("kept", 0))
+    tool_rows = data_report.get("tools") or {"conversations": 0, "lines": []}
+    count = int(tool_rows.get("conversations", 0))
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    whose = (
+        f"{model} (the trainer's ChatML template)"
+        if template == CHATML_TEMPLATE
+        else model
+    )
+    gap = tool_support_gap(tokenizer) if count else None
+    if count and gap:
+        problem = (
+            f"the chat template of {whose} cannot express tool calls ({gap}): {count} of {kept} "
+            f"conversations use tools ({_lines(tool_rows, unit)})"
+        )
+        if kept and count / kept > max_unusable_fraction:
+            raise InvalidData(
+                f"{problem}; choose a base model whose template supports tools (e.g. "
+                f"{TOOL_TEMPLATE_EXAMPLES}), or remove those rows, or raise "
+                "data.maxBadLineFraction to train without them"
+            )
+        warnings.append(f"{problem}; they are left out of training")
+
+    notes: list[str] = []
+    default = default_system_prompt(template, dict(tokenizer.special_tokens_map)) if template else None
+    prompts = data_report.get("system_prompts") or {}
+    without = int(prompts.get("none", 0))
+    if default and without:
+        notes.append(
+            f"{without} of {kept} conversations have no system message, so the chat template of "
+            f"{model} gives them its default system prompt {default!r}; set data.systemPrompt "
+            "to use another"
+        )
+    return {
+        "tools": "not used" if not count else ("unsupported" if gap else "supported"),
+        "tools_gap": gap,
+        "tool_conversations": count,
+        "default_system_prompt": default,
+        "conversations_without_system_prompt": without,
+        "warnings": warnings,
+        "notes": notes,
+    }
