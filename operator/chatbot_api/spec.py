@@ -11,11 +11,22 @@ the same check in Python, so `kubectl apply` and the local CLI reject the same s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, StringConstraints, model_validator
+
+from chatbot_api.base import ApiModel, CrossFieldRule
+from chatbot_api.corev1 import (
+    LOCAL_PATH,
+    PVC_URI,
+    Affinity,
+    DnsSubdomain,
+    ImageRef,
+    LabelKeyOfMap,
+    LabelValue,
+    ResourcesSpec,
+    Toleration,
+)
 
 GROUP = "chatbot.dev"
 VERSION = "v1alpha1"
@@ -27,23 +38,17 @@ CATEGORIES = ["ml"]
 
 StepName = Literal["prepare", "configure", "train", "evaluate", "export"]
 STEPS: tuple[str, ...] = ("prepare", "configure", "train", "evaluate", "export")
-Quantization = Literal["f32", "f16", "bf16", "q8_0", "q4_0"]
+Quantization = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]
 
 
-class ApiModel(BaseModel):
-    """Base for API objects: camelCase on the wire, snake_case in Python, unknown keys rejected."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        extra="forbid",
-        strict=True,  # as the API server: "100" is not an integer
-    )
-
-    def to_api(self) -> dict[str, Any]:
-        """The camelCase dict as stored in Kubernetes (unset optional fields left out)."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+# trainingData: a path in the image, pvc://<claim>/<path>, http(s)://…, s3://bucket/key, file://…,
+# hf://datasets/<owner>/<name>[@<revision>][/<file>]
+DATA_URI = (
+    rf"^({PVC_URI}|https?://[^/\s]+.*|s3://[^/\s]+/+[^/].*|file://.+"
+    rf"|hf://datasets/[^/@\s]+/[^/@\s]+(@[^/\s]+)?(/.*)?|{LOCAL_PATH})$"
+)
+# modelType: a preset, a hub id, a path in the image, or pvc://<claim>/<path>.
+MODEL_REF = rf"^({PVC_URI}|{LOCAL_PATH})$"
 
 
 # ---------------------------------------------------------------------------- training
@@ -63,7 +68,9 @@ class DataSpec(ApiModel):
         description="Fail the prepare step when more than this share of lines is malformed.",
     )
     system_prompt: str | None = Field(
-        None, description="System prompt added to conversations that have none."
+        None,
+        description="System prompt added to conversations that have none (the data's own "
+        "system messages are kept).",
     )
     dedupe: bool = Field(True, description="Drop duplicate conversations.")
 
@@ -92,6 +99,18 @@ class EvaluationSpec(ApiModel):
     max_eval_examples: int | None = Field(
         None, ge=1, description="Evaluate on at most this many held-out conversations."
     )
+    require_improvement: bool = Field(
+        False,
+        description="Fail the run when the fine-tuned eval loss is not below the base model's "
+        "(otherwise it is reported as a warning).",
+    )
+    sample_answers: int = Field(
+        3,
+        ge=0,
+        le=10,
+        description="Held-out questions answered by the base and the fine-tuned model (greedy), "
+        "shown side by side in the result.",
+    )
 
 
 class ExportSpec(ApiModel):
@@ -99,7 +118,8 @@ class ExportSpec(ApiModel):
         default_factory=lambda: ["f16", "q8_0"],
         min_length=1,
         max_length=5,
-        description="GGUF files to write; the first one is reported as the model.",
+        description="GGUF files to write; the first one is reported as the model. "
+        "q4_k_m, q5_k_m and q6_k are made from the F16 file by llama.cpp's quantizer.",
     )
     name: str | None = Field(
         None,
@@ -114,12 +134,17 @@ class TrainingParams(ApiModel):
     training_data: str = Field(
         ...,
         min_length=1,
-        description="Chat data (JSONL or JSON array): a path in the image, "
-        "pvc://<claim>/<path>, https://… or s3://bucket/key.",
+        max_length=2048,
+        pattern=DATA_URI,
+        description="Chat data (JSONL, JSON array, parquet, or a folder saved with datasets' "
+        "save_to_disk): a path in the image, pvc://<claim>/<path>, https://…, s3://bucket/key "
+        "or hf://datasets/<owner>/<name>.",
     )
     model_type: str = Field(
         "gpt",
         min_length=1,
+        max_length=1024,
+        pattern=MODEL_REF,
         description="Base model: a preset (gpt, llama, qwen2, mistral, smollm, scratch-gpt, "
         "scratch-llama), a Hugging Face hub id, or a path on a volume.",
     )
@@ -149,7 +174,9 @@ class TrainingParams(ApiModel):
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="Training precision; auto picks bf16 where the GPU supports it."
+        "auto",
+        description="Training precision; auto picks bf16 autocast where the GPU or CPU supports "
+        "it natively (CPU: avx512_bf16 or AMX), fp32 elsewhere.",
     )
     seed: int = Field(42, ge=0, description="Seed for the data split and training.")
     checkpoint_every: int = Field(
@@ -180,25 +207,6 @@ class TrainingParams(ApiModel):
 # ---------------------------------------------------------------------------- cluster
 
 
-class Toleration(ApiModel):
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
-
-
-class ResourceList(ApiModel):
-    cpu: str | None = Field(None, description="CPU quantity, e.g. '4' or '500m'.")
-    memory: str | None = Field(None, description="Memory quantity, e.g. '32Gi'.")
-    ephemeral_storage: str | None = Field(None, alias="ephemeral-storage")
-
-
-class ResourcesSpec(ApiModel):
-    requests: ResourceList | None = None
-    limits: ResourceList | None = None
-
-
 class GpuSpec(ApiModel):
     count: int = Field(1, ge=0, le=16, description="GPUs for the train and evaluate steps.")
     resource_name: str = Field(
@@ -209,7 +217,7 @@ class GpuSpec(ApiModel):
 
 
 class WorkspaceSpec(ApiModel):
-    existing_claim: str | None = Field(
+    existing_claim: DnsSubdomain | None = Field(
         None, description="Use this PersistentVolumeClaim as the shared workspace."
     )
     size: str = Field(
@@ -217,7 +225,7 @@ class WorkspaceSpec(ApiModel):
         pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|K|M|G|T|P)?$",
         description="Size of the workspace claim the operator creates.",
     )
-    storage_class_name: str | None = Field(
+    storage_class_name: DnsSubdomain | None = Field(
         None, description="StorageClass of the workspace claim the operator creates."
     )
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = Field(
@@ -264,28 +272,32 @@ class ChatbotTrainingSpec(TrainingParams):
     resources: ResourcesSpec | None = Field(
         None, description="CPU/memory requests and limits of the step containers."
     )
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Node labels the GPU steps must run on."
+    node_selector: dict[LabelKeyOfMap, LabelValue] = Field(
+        default_factory=dict, max_length=64, description="Node labels the GPU steps must run on."
     )
     tolerations: list[Toleration] = Field(
-        default_factory=list, description="Tolerations of the GPU steps (e.g. for GPU taints)."
+        default_factory=list,
+        max_length=64,
+        description="Tolerations of the GPU steps (e.g. for GPU taints).",
     )
-    affinity: dict[str, Any] | None = Field(
+    affinity: Affinity | None = Field(
         None, description="Pod affinity of the GPU steps (core/v1 Affinity)."
     )
-    priority_class_name: str | None = Field(None, description="PriorityClass of the step pods.")
-    queue_name: str | None = Field(
-        None, description="Kueue LocalQueue; set as the kueue.x-k8s.io/queue-name label."
+    priority_class_name: DnsSubdomain | None = Field(
+        None, description="PriorityClass of the step pods."
     )
-    image: str | None = Field(None, description="Trainer image (default: the operator's).")
+    queue_name: (
+        Annotated[DnsSubdomain, StringConstraints(max_length=63)] | None
+    ) = Field(None, description="Kueue LocalQueue; set as the kueue.x-k8s.io/queue-name label.")
+    image: ImageRef | None = Field(None, description="Trainer image (default: the operator's).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
-    image_pull_secrets: list[str] = Field(
-        default_factory=list, description="Secrets for pulling the trainer image."
+    image_pull_secrets: list[DnsSubdomain] = Field(
+        default_factory=list, max_length=16, description="Secrets for pulling the trainer image."
     )
-    service_account_name: str | None = Field(
+    service_account_name: DnsSubdomain | None = Field(
         None, description="ServiceAccount of the step pods (e.g. for s3:// access)."
     )
-    env_from_secret: str | None = Field(
+    env_from_secret: DnsSubdomain | None = Field(
         None, description="Secret whose keys become environment variables of the steps "
         "(e.g. AWS_ACCESS_KEY_ID, HF_TOKEN)."
     )
@@ -314,15 +326,6 @@ class ChatbotTrainingSpec(TrainingParams):
 
 
 # ---------------------------------------------------------------------------- rules
-
-
-@dataclass(frozen=True)
-class CrossFieldRule:
-    """One rule over the spec: `cel` for the CRD, `holds` for Python, same intent."""
-
-    cel: str
-    message: str
-    holds: Callable[[Any], bool]
 
 
 def _has(value: Any) -> bool:
@@ -355,6 +358,18 @@ CLUSTER_RULES: tuple[CrossFieldRule, ...] = (
         message="workspace.existingClaim and workspace.storageClassName are mutually exclusive",
         holds=lambda s: not (s.workspace.existing_claim and s.workspace.storage_class_name),
     ),
+)
+
+# The operator names what it creates after the training: the Jobs <name>-<step>, whose names
+# are also a label value of their pods (at most 63 characters), <name>-config and
+# <name>-workspace. The longest suffix sets how long the name may be.
+DERIVED_SUFFIXES: tuple[str, ...] = tuple(f"-{step}" for step in STEPS) + ("-config", "-workspace")
+MAX_NAME_LENGTH = 63 - max(len(suffix) for suffix in DERIVED_SUFFIXES)
+NAME_RULE = CrossFieldRule(
+    cel=f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+    message=f"metadata.name must have at most {MAX_NAME_LENGTH} characters: the Job "
+    "<name>-configure must fit in a 63-character label value",
+    holds=lambda name: len(name) <= MAX_NAME_LENGTH,
 )
 
 # Fields that cannot change once a run started: changing them mid-run would mix two runs.

@@ -208,3 +208,37 @@ def test_empty_eval_split_uses_a_training_sample(tmp_path):
     result = run(ctx)
     assert result["eval_split"] == "train-sample"
     assert result["eval_examples"] == 120
+
+
+def test_samples_and_a_model_worse_than_its_base(trained, monkeypatch):
+    """Answers side by side; a fine-tune that did not beat its base is a warning, or a failure
+    with evaluation.requireImprovement."""
+    from chatbot_trainer.steps import evaluate
+
+    result = evaluate.run(with_params(trained, evaluation__sample_answers=2))
+    assert len(result["samples"]) == 2 and result["warnings"] == []
+    assert set(result["samples"][0]) == {"question", "reference", "base", "fine_tuned"}
+    assert "transformers" in result["samples_generated_with"]
+
+    real_evaluate, calls = evaluation.evaluate_model, []
+
+    def fine_tuned_got_worse(model, examples, **settings):  # evaluate measures the fine-tune first
+        calls.append(model)
+        metrics = real_evaluate(model, examples, **settings)
+        return {**metrics, "loss": 99.0} if len(calls) % 2 else metrics
+
+    monkeypatch.setattr(evaluation, "evaluate_model", fine_tuned_got_worse)
+    warned = evaluate.run(with_params(trained, evaluation__sample_answers=0))
+    assert warned["passed"] is True and warned["samples"] == []
+    assert "not better than the base model" in warned["warnings"][0]
+    assert warned["summary"]["warnings"] == warned["warnings"]
+    with pytest.raises(QualityThresholdNotMet, match="evaluation.requireImprovement is set"):
+        evaluate.run(with_params(trained, evaluation__require_improvement=True, evaluation__sample_answers=0))
+
+
+def test_improvement_warning_wording():
+    from chatbot_trainer.steps.evaluate import improvement_warning
+
+    assert improvement_warning({"loss": 2.0, "accuracy": 0.5}, {"loss": 3.0, "accuracy": 0.4}) is None
+    text = improvement_warning({"loss": 11.1, "accuracy": 0.002}, {"loss": 3.23, "accuracy": 0.38})
+    assert "eval loss 11.1 vs 3.23" in text and "lower learningRate" in text

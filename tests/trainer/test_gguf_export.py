@@ -621,11 +621,14 @@ def test_modelfile_written_beside_the_gguf(build):
 
 
 def test_modelfile_for_other_templates_keeps_stops_and_uses_the_embedded_template():
-    llama3 = "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{% endfor %}"
-    stops = mf.stop_tokens(llama3, "<|eot_id|>", ["<|eot_id|>"])
-    text = mf.render_modelfile("x.q4_0.gguf", chat_template=llama3, stops=stops, num_ctx=131072)
+    gemma = "{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}"
+    stops = mf.stop_tokens(gemma, "<eos>", ["<end_of_turn>"])
+    text = mf.render_modelfile("x.q4_0.gguf", chat_template=gemma, stops=stops, num_ctx=131072)
     assert text.splitlines()[0] == "FROM ./x.q4_0.gguf" and "TEMPLATE" not in text and "SYSTEM" not in text
-    assert 'PARAMETER stop "<|eot_id|>"' in text and text.count("PARAMETER stop") == 1
+    assert 'PARAMETER stop "<end_of_turn>"' in text and text.count("PARAMETER stop") == 2
+    llama3 = "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{% endfor %}"
+    llama3_text = mf.render_modelfile("x.gguf", chat_template=llama3, stops=mf.stop_tokens(llama3, "<|eot_id|>", []))
+    assert mf.LLAMA3_OLLAMA_TEMPLATE in llama3_text  # its Go template (test_modelfile_go.py runs it)
     assert "PARAMETER num_ctx 4096" in text
     with pytest.raises(ValueError, match='"""'):
         mf.render_modelfile("x.gguf", chat_template=None, stops=[], system_prompt='say """hi"""')
@@ -688,3 +691,51 @@ func main() {
 	}
 }
 """
+
+
+# ---------------------------------------------------------------------------- GGUF as a base
+
+
+def test_a_gguf_file_imported_as_base_reproduces_the_model(run, tokenizer, tmp_path):
+    """GGUF → model directory (configure's import) gives the logits of the model the file was
+    written from, within the file's own rounding, and the same tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatbot_trainer.gguf_import import import_gguf, read_header
+
+    source = _gguf_path(run, "q8_0")
+    header = read_header(source)
+    reader_fields = {k: f.contents() for k, f in gguf.GGUFReader(str(source)).fields.items()
+                     if not k.startswith("GGUF.") and f.types and f.types[0] != gguf.GGUFValueType.ARRAY}
+    assert header == reader_fields  # the fast header reader agrees with gguf-py's
+    info = import_gguf(source, tmp_path / "base")
+    assert info["quantization"] == "Q8_0" and info["architecture"] == run["result"]["arch"]
+    imported = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    imported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "base")
+    for probe in PROBES:
+        ids = _chat_ids(tokenizer, probe)
+        assert _chat_ids(imported_tokenizer, probe) == ids
+        _assert_close(_logits(run["merged"], ids), _logits(imported, ids), "q8_0")
+    # and it exports again (the path a fine-tune of it takes)
+    again = gguf_writer.write_gguf(tmp_path / "base", tmp_path / "again.f16.gguf", "f16")
+    assert again.tokenizer_pre == gguf_writer.write_gguf(run["result"]["merged_path"], tmp_path / "m.f16.gguf",
+                                                        "f16").tokenizer_pre
+
+
+def test_k_quants_fall_back_where_rows_are_short_and_still_answer(run, tokenizer, tmp_path):
+    """A tiny model's rows (64 values) cannot take K-quants: llama.cpp's fallback types are
+    used, reported, and the file still answers like the merged model."""
+    from chatbot_trainer import llama_quantize
+
+    target = tmp_path / "m.q4_k_m.gguf"
+    llama_quantize.quantize(_gguf_path(run, "f16"), target, "q4_k_m")
+    checked = gguf_writer.verify_gguf(target, arch=run["result"]["arch"],
+                                      tensor_count=len(_tensor_names(_gguf_path(run, "f16"))))
+    assert {"Q5_0", "Q8_0"} & set(checked["tensor_types"])  # llama.cpp's fallbacks for 64-value rows
+    assert "fallback" in llama_quantize.fallback_note("q4_k_m", checked["tensor_types"])
+    llm = _llama(target)
+    try:
+        out = llm.create_chat_completion(QUESTION, max_tokens=24, temperature=0.0)["choices"][0]
+        assert out["finish_reason"] == "stop"
+    finally:
+        llm.close()

@@ -21,9 +21,9 @@ def params(**extra):
 
 
 def test_precision_and_micro_batch_follow_the_hardware():
-    assert hardware.resolve(params(), CPU) | {"hardware": None} == {
-        "hardware": None, "device": "cpu", "precision": "fp32", "micro_batch_size": 64,
-        "gradient_accumulation_steps": 1}
+    assert hardware.resolve(params(), CPU) | {"hardware": None, "precision_reason": None} == {
+        "hardware": None, "device": "cpu", "precision": "fp32", "precision_reason": None,
+        "micro_batch_size": 64, "gradient_accumulation_steps": 1}
     h100 = hardware.resolve(params(), H100)
     assert (h100["precision"], h100["micro_batch_size"], h100["gradient_accumulation_steps"]) == ("bf16", 16, 4)
     assert hardware.resolve(params(), T4)["precision"] == "fp16"
@@ -65,3 +65,33 @@ def test_checkpoints_resume_on_another_gpu_type(monkeypatch, tmp_path):
     assert on_h100 == on_t4
     other = params(learning_rate=0.5)
     assert training._fingerprint(training.TrainPlan.from_configure(configure, other), other, data) != on_h100
+
+
+SMOLLM2 = {"hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536, "vocab_size": 49152,
+           "tie_word_embeddings": True}
+
+
+def test_cpus_with_native_bf16_train_in_bf16_autocast():
+    bf16_cpu = {**CPU, "bf16": True, "bf16_reason": "avx512_bf16"}
+    chosen = hardware.resolve(params(), bf16_cpu)
+    assert (chosen["precision"], chosen["precision_reason"]) == ("bf16", "CPU has avx512_bf16: bf16 autocast")
+    plain = hardware.resolve(params(), {**CPU, "bf16_reason": "no avx512_bf16 or amx_bf16 in /proc/cpuinfo"})
+    assert plain["precision"] == "fp32" and "no avx512_bf16" in plain["precision_reason"]
+    assert hardware.resolve(params(precision="fp32"), bf16_cpu)["precision"] == "fp32"
+    assert isinstance(hardware.cpu_bf16()[0], bool)
+
+
+def test_cpu_micro_batches_fit_the_memory_of_the_machine():
+    """SmolLM2-135M at 4 x 256 tokens peaked at 5.2 GB: on a 4 GiB machine that must be split."""
+    p = params(batch_size=4, max_seq_length=256)
+    roomy = hardware.resolve(p, {**CPU, "memory_gb": 22.0}, model_config=SMOLLM2)
+    assert (roomy["micro_batch_size"], roomy["gradient_accumulation_steps"]) == (4, 1)
+    small = hardware.resolve(p, {**CPU, "memory_gb": 4.0}, model_config=SMOLLM2)
+    assert small["micro_batch_size"] < 4 and small["micro_batch_size"] * small["gradient_accumulation_steps"] == 4
+    model_bytes, per_token = hardware.training_bytes(SMOLLM2)
+    assert 0.4e9 < model_bytes < 0.7e9 and 3e6 < per_token < 6e6
+    tiny = hardware.resolve(p, {**CPU, "memory_gb": 1.0}, model_config=SMOLLM2)
+    assert tiny["micro_batch_size"] == 1  # the least it can do
+    assert hardware.resolve(p, {**CPU, "memory_gb": None}, model_config=SMOLLM2)["micro_batch_size"] == 4
+    assert hardware.resolve(params(batch_size=4, micro_batch_size=4), {**CPU, "memory_gb": 1.0},
+                            model_config=SMOLLM2)["micro_batch_size"] == 4  # what the user set wins

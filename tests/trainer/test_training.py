@@ -241,3 +241,42 @@ def test_new_chat_tokens_are_trained_with_a_frozen_base(tmp_path):
     model, loaded_tokenizer = load_trained_model(result, merge=True)
     assert len(loaded_tokenizer) == model.get_input_embeddings().weight.shape[0]
     assert loaded_tokenizer.chat_template
+
+
+# ---------------------------------------------------------------------------- divergence
+
+
+def test_a_diverging_run_stops_with_a_named_reason_and_no_checkpoint(tmp_path, monkeypatch):
+    """A learning rate of 0.5 once ran to the end (eval loss 11.1) and exited 0. Here the loss
+    turns NaN at step 6, as an overflow would make it, before the step-10 checkpoint."""
+    from chatbot_trainer import training
+    from chatbot_trainer.errors import TrainingDiverged
+    from chatbot_trainer.training import train
+
+    real, calls = training.token_loss_sums, []
+
+    def overflowing(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 10 else loss  # 2 micro-batches per step
+
+    monkeypatch.setattr(training, "token_loss_sums", overflowing)
+    ctx = make_workspace(tmp_path, "tiny-llama", learning_rate=1.0, log_every=5, checkpoint_every=10,
+                         training_steps=40)
+    with pytest.raises(TrainingDiverged, match="training diverged: the (loss|gradient norm) is (nan|inf)") as failed:
+        train(ctx)
+    assert "by step 10 (last finite loss" in failed.value.message
+    assert "lower learningRate (now 1)" in failed.value.message and failed.value.exit_code == 3
+    assert not (tmp_path / "train" / "checkpoints").exists()
+
+
+def test_check_finite_names_the_last_good_loss():
+    from chatbot_trainer.errors import TrainingDiverged
+    from chatbot_trainer.training import check_finite
+
+    params = TrainingParams(training_data="x", learning_rate=0.5)
+    check_finite(3, 2.5, 1.0, [], params)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan by step 30 \(last finite loss 7.25 at step 20\)"):
+        check_finite(30, float("nan"), 1.0, [{"step": 10, "loss": 3.0}, {"step": 20, "loss": 7.25}], params)
+    with pytest.raises(TrainingDiverged, match="gradient norm is inf"):
+        check_finite(30, 2.0, float("inf"), [], params)

@@ -147,7 +147,8 @@ def test_step_cli_failure_is_one_line_with_reason(tmp_path, capsys):
     assert "missing.jsonl" in message["message"]
     assert not (tmp_path / "ws" / "prepare" / "result.json").exists()
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ")
+    # The step's start, then the reason in one line (no traceback).
+    assert len(err) == 2 and "prepare: starting" in err[0] and err[1].startswith("error: ")
 
 
 def test_step_needs_earlier_step(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -92,8 +93,10 @@ def training_main(argv: list[str] | None = None) -> int:
     except StepError as exc:
         return _fail(exc)
     if not args.quiet:
-        print(f"base model: {details['base_model']}; details: {Path(args.output) / 'details.json'}",
-              file=sys.stderr)
+        from chatbot_trainer.pipeline import summary_text
+
+        print(summary_text(details), file=sys.stderr)
+        print(f"details: {Path(args.output) / 'details.json'}", file=sys.stderr)
     print(json.dumps(output, indent=2))
     return 0
 
@@ -114,8 +117,36 @@ def build_step_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ProgressHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def log_progress_to_stderr() -> None:
+    """The steps' progress lines (start, base model, resume point, one per logged training
+    window, end) on stderr, one line each, whether or not it is a terminal: what `kubectl
+    logs` of a step pod shows. Other libraries keep their own levels (warnings)."""
+    logger = logging.getLogger("chatbot_trainer")
+    if any(isinstance(h, _ProgressHandler) for h in logger.handlers):
+        return
+    handler = _ProgressHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                           "%Y-%m-%dT%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def trainer_main(argv: list[str] | None = None) -> int:
     args = build_step_parser().parse_args(argv)
+    log_progress_to_stderr()
     from chatbot_trainer.steps import run_step
     from chatbot_trainer.workspace import StepContext, write_termination_message
 

@@ -1,7 +1,7 @@
 """Failures a step reports: a reason (for status), a one-line message with the fix, an exit code.
 
 Exit codes tell the Job whether a retry can help: 1 may be transient (retried), 2 is bad
-input, 3 a quality threshold, 4 out of memory (the operator's podFailurePolicy fails the Job
+input, 3 a quality threshold or a diverged training, 4 out of memory (the operator's podFailurePolicy fails the Job
 at once for 2, 3 and 4).
 """
 
@@ -49,3 +49,10 @@ class QualityThresholdNotMet(StepError):
 class OutOfMemory(StepError):
     reason = "OutOfMemory"
     exit_code = 4
+
+
+class TrainingDiverged(StepError):
+    """The training loss became NaN or infinite: retrying the same settings gives the same."""
+
+    reason = "TrainingDiverged"
+    exit_code = 3

@@ -243,9 +243,13 @@ def verify_gguf(path: str | os.PathLike, *, arch: str, tensor_count: int, vocab_
         problems.append(f"{n_tokens} tokens instead of {vocab_size}")
     if problems:
         raise StepError(f"{path} is not a complete GGUF file: {'; '.join(problems)}; run export again")
+    types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
     return {
         "arch": arch,
         "tensor_count": len(reader.tensors),
+        "tensor_types": types,
         "vocab_size": n_tokens,
         "chat_template": value("tokenizer.chat_template") is not None,
     }

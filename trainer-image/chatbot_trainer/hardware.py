@@ -4,10 +4,20 @@ In the cluster, configure runs in a pod without a GPU while train and evaluate r
 nodes (and a preempted train pod may come back on another GPU type), so these are decided by
 each step on its own node: `resolve(params)`. configure records what it saw for the record
 (and a local run, where all steps share the machine, shows the same decision).
+
+Precision `auto`: bf16 autocast (fp32 master weights and optimizer state) on GPUs with bf16
+and on CPUs with native bf16 arithmetic (avx512_bf16 or AMX: a bf16 matmul is several times an
+fp32 one there); fp16 with loss scaling on older GPUs; fp32 on other CPUs, where bf16 is
+emulated and slower. The decision and its reason are in every train result.
+
+Micro-batch: on a GPU, a fixed token budget per micro-batch; on a CPU, the largest divisor of
+batchSize whose activations fit in the memory this process may use (the cgroup limit or
+MemAvailable), estimated from the model's shape, so a local run fits the machine it runs on.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from chatbot_trainer.errors import InvalidConfig
@@ -15,6 +25,46 @@ from chatbot_trainer.errors import InvalidConfig
 # Tokens per micro-batch that fit comfortably with LoRA on one data-centre GPU; larger batches
 # are split into micro-batches with gradient accumulation (microBatchSize overrides).
 GPU_TOKENS_PER_MICRO_BATCH = 16384
+
+
+# Bytes of activations kept for backward per token and layer, in units of hidden and
+# intermediate size (fp32 LoRA training, sdpa attention); fitted to measured peaks
+# (SmolLM2-135M: ~3.0 GB at 4 x 128 tokens, ~5.2 GB at 4 x 256).
+ACTIVATION_BYTES_PER_HIDDEN = 32 * 4
+ACTIVATION_BYTES_PER_INTERMEDIATE = 12 * 4
+CPU_MEMORY_SHARE = 0.7  # of the memory available when the step starts
+
+
+def cpu_bf16() -> tuple[bool, str]:
+    """Whether this CPU computes bf16 natively, and the flag that says so (Linux /proc/cpuinfo)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    for flag in ("amx_bf16", "avx512_bf16"):
+        if flag in flags:
+            return True, flag
+    return False, "no avx512_bf16 or amx_bf16 in /proc/cpuinfo"
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the smaller of the cgroup limit and MemAvailable."""
+    found: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
 
 
 def detect() -> dict[str, Any]:
@@ -31,7 +81,10 @@ def detect() -> dict[str, Any]:
         }
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return {"device": "mps", "name": "Apple MPS", "count": 1, "memory_gb": None, "bf16": False}
-    return {"device": "cpu", "name": "cpu", "count": 0, "memory_gb": None, "bf16": False,
+    bf16, why = cpu_bf16()
+    memory = available_memory()
+    return {"device": "cpu", "name": "cpu", "count": 0,
+            "memory_gb": round(memory / 2**30, 1) if memory else None, "bf16": bf16, "bf16_reason": why,
             "threads": torch.get_num_threads()}
 
 
@@ -40,7 +93,7 @@ def choose_precision(requested: str, hardware: dict[str, Any]) -> str:
     if requested == "auto":
         if device == "cuda":
             return "bf16" if hardware["bf16"] else "fp16"
-        return "fp32"
+        return "bf16" if device == "cpu" and hardware.get("bf16") else "fp32"
     if requested == "fp16" and device != "cuda":
         raise InvalidConfig(f"precision fp16 needs a CUDA GPU, found {device}: use auto, bf16 or fp32")
     if requested == "bf16" and device == "cuda" and not hardware["bf16"]:
@@ -48,24 +101,72 @@ def choose_precision(requested: str, hardware: dict[str, Any]) -> str:
     return requested
 
 
-def choose_micro_batch(batch_size: int, requested: int | None, max_seq_length: int, device: str) -> int:
+def precision_reason(requested: str, chosen: str, hardware: dict[str, Any]) -> str:
+    if requested != "auto":
+        return f"precision {requested} requested"
+    if hardware["device"] == "cuda":
+        return f"{hardware['name']} {'supports bf16' if chosen == 'bf16' else 'has no bf16: fp16 with loss scaling'}"
+    if hardware["device"] == "cpu":
+        why = hardware.get("bf16_reason", "")
+        return f"CPU has {why}: bf16 autocast" if chosen == "bf16" else f"fp32: {why or 'no native bf16'}"
+    return f"fp32 on {hardware['device']}"
+
+
+def training_bytes(model_config: dict[str, Any]) -> tuple[int, int]:
+    """(bytes of the fp32 model, activation bytes per token) for LoRA training of this shape."""
+    hidden = int(model_config.get("hidden_size") or model_config.get("n_embd") or 0)
+    layers = int(model_config.get("num_hidden_layers") or model_config.get("n_layer") or 0)
+    inter = int(model_config.get("intermediate_size") or model_config.get("n_inner") or 4 * hidden)
+    vocab = int(model_config.get("vocab_size") or 0)
+    embeddings = vocab * hidden * (1 if model_config.get("tie_word_embeddings", True) else 2)
+    params = embeddings + layers * (4 * hidden * hidden + 3 * hidden * inter)
+    per_token = layers * (ACTIVATION_BYTES_PER_HIDDEN * hidden + ACTIVATION_BYTES_PER_INTERMEDIATE * inter)
+    return 4 * params, per_token
+
+
+def cpu_micro_batch(batch_size: int, max_seq_length: int, model_config: dict[str, Any] | None,
+                    memory: int | None) -> int:
+    """The largest divisor of batch_size whose training activations fit in `memory`."""
+    if not model_config or not memory:
+        return batch_size
+    model_bytes, per_token = training_bytes(model_config)
+    budget = CPU_MEMORY_SHARE * memory - 1.5 * model_bytes
+    fitting = int(budget // max(per_token * max_seq_length, 1))
+    return max([d for d in range(1, batch_size + 1) if batch_size % d == 0 and d <= fitting] or [1])
+
+
+def choose_micro_batch(batch_size: int, requested: int | None, max_seq_length: int, device: str,
+                       model_config: dict[str, Any] | None = None, memory: int | None = None) -> int:
     if requested is not None:
         return requested
     if device == "cpu":
-        return batch_size
+        return cpu_micro_batch(batch_size, max_seq_length, model_config, memory)
     fitting = max(1, GPU_TOKENS_PER_MICRO_BATCH // max_seq_length)
     return max(d for d in range(1, batch_size + 1) if batch_size % d == 0 and d <= fitting)
 
 
-def resolve(params, hardware: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The hardware-dependent settings for this node."""
+def model_config_of(path: str | None) -> dict[str, Any] | None:
+    """config.json of a local model directory (None for hub ids and missing files)."""
+    import json
+
+    if not path or not (Path(path) / "config.json").is_file():
+        return None
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def resolve(params, hardware: dict[str, Any] | None = None, model_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The hardware-dependent settings for this node (`model_config` sizes CPU micro-batches)."""
     hardware = hardware or detect()
+    memory_gb = hardware.get("memory_gb")
     micro = choose_micro_batch(params.batch_size, params.micro_batch_size, params.max_seq_length,
-                               hardware["device"])
+                               hardware["device"], model_config,
+                               int(memory_gb * 2**30) if memory_gb and hardware["device"] == "cpu" else None)
+    precision = choose_precision(params.precision, hardware)
     return {
         "hardware": hardware,
         "device": hardware["device"],
-        "precision": choose_precision(params.precision, hardware),
+        "precision": precision,
+        "precision_reason": precision_reason(params.precision, precision, hardware),
         "micro_batch_size": micro,
         "gradient_accumulation_steps": params.batch_size // micro,
     }

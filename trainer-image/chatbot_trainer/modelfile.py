@@ -1,15 +1,27 @@
 """The Ollama Modelfile written beside the exported GGUF.
 
-`ollama create <name> -f Modelfile` in the export folder imports the model. For a ChatML chat
-template the Modelfile carries the same prompt format in Ollama's Go-template syntax (the
-`.Messages` form, with the `.System`/`.Prompt`/`.Response` form for older Ollama versions). For
-any other template it leaves TEMPLATE out, so Ollama uses the template embedded in the GGUF, and
-keeps the stop parameters either way.
+`ollama create <name> -f Modelfile` in the export folder imports the model. The Modelfile must
+make Ollama send the model the text it was trained on:
+
+- TEMPLATE: for ChatML and Llama 3 chat templates, the same prompt format in Ollama's
+  Go-template syntax (the `.Messages` form, with the `.System`/`.Prompt`/`.Response` form for
+  older Ollama versions). For any other template TEMPLATE is left out, so Ollama uses the
+  template embedded in the GGUF.
+- SYSTEM: the system prompt every training conversation without one of its own was rendered
+  with: `data.systemPrompt` when set, else the default the model's chat template injects
+  (SmolLM2: "You are a helpful AI assistant named SmolLM, trained by Hugging Face"; Qwen2.5:
+  "You are Qwen, created by Alibaba Cloud. …"). Ollama puts SYSTEM first when a conversation
+  has no system message, as the Hugging Face template does.
+- stop PARAMETERs: the template's end-of-turn tokens.
+
+tests/trainer/test_modelfile_go.py executes these templates with Go's text/template (Ollama's
+engine) and compares them byte for byte with the Hugging Face rendering.
 """
 
 from __future__ import annotations
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+LLAMA3_HEADER, LLAMA3_EOT = "<|start_header_id|>", "<|eot_id|>"
 
 # ChatML in Ollama's template language. Every message is rendered in order (Ollama passes the
 # SYSTEM prompt as the first message); a final assistant message is left open, so Ollama can
@@ -32,6 +44,27 @@ CHATML_OLLAMA_TEMPLATE = """{{- if .Messages }}
 {{ end }}<|im_start|>assistant
 {{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"""
 
+# Llama 3 in Ollama's template language (the BOS token is added by the tokenizer, not here).
+LLAMA3_OLLAMA_TEMPLATE = """{{- if .Messages }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 -}}
+<|start_header_id|>{{ .Role }}<|end_header_id|>
+
+{{ .Content }}{{ if not (and $last (eq .Role "assistant")) }}<|eot_id|>{{ end }}
+{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>
+
+{{ end }}
+{{- end }}
+{{- else }}
+{{- if .System }}<|start_header_id|>system<|end_header_id|>
+
+{{ .System }}<|eot_id|>{{ end }}
+{{- if .Prompt }}<|start_header_id|>user<|end_header_id|>
+
+{{ .Prompt }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>
+
+{{ end }}{{ .Response }}{{ if .Response }}<|eot_id|>{{ end }}"""
+
 # Sampling defaults for a small chat model; users override them with `ollama run --parameter`
 # or in their own Modelfile.
 DEFAULT_PARAMETERS: dict[str, float | int] = {
@@ -45,6 +78,59 @@ MAX_DEFAULT_NUM_CTX = 4096
 
 def is_chatml(chat_template: str | None) -> bool:
     return bool(chat_template) and IM_START in chat_template and IM_END in chat_template
+
+
+def is_llama3(chat_template: str | None) -> bool:
+    return bool(chat_template) and LLAMA3_HEADER in chat_template and LLAMA3_EOT in chat_template
+
+
+def ollama_template(chat_template: str | None) -> str | None:
+    """The Go template that renders what `chat_template` renders, or None for other formats.
+
+    None too for templates that express tool calls: these Go templates have no tools, so
+    Ollama is left to the template embedded in the GGUF, which keeps them."""
+    if chat_template and ("tool_calls" in chat_template or "tools" in chat_template):
+        return None
+    if is_chatml(chat_template):
+        return CHATML_OLLAMA_TEMPLATE
+    if is_llama3(chat_template):
+        return LLAMA3_OLLAMA_TEMPLATE
+    return None
+
+
+_MARK = "\x00system-prompt-here\x00"
+
+
+def default_system_prompt(chat_template: str | None, special_tokens: dict[str, str] | None = None) -> str | None:
+    """The system prompt `chat_template` adds to a conversation that has none, or None.
+
+    The template is rendered once with a marker as the system message and once without one;
+    when the text without has exactly the marker's prefix and suffix, what lies between them
+    is the default. Templates whose default depends on the date or on tools give None."""
+    if not chat_template:
+        return None
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    def render(messages) -> str:
+        rendered, _ = render_jinja_template(
+            conversations=[messages], chat_template=chat_template, add_generation_prompt=True,
+            **(special_tokens or {}),
+        )
+        return rendered[0]
+
+    user = {"role": "user", "content": "Hello"}
+    try:
+        with_marker = render([{"role": "system", "content": _MARK}, user])
+        without = render([user])
+    except Exception:  # a template that needs other variables: no default we can read
+        return None
+    if _MARK not in with_marker:
+        return None
+    prefix, suffix = with_marker.split(_MARK, 1)
+    if not (without.startswith(prefix) and without.endswith(suffix)) or len(without) < len(prefix) + len(suffix):
+        return None
+    found = without[len(prefix): len(without) - len(suffix)]
+    return found or None
 
 
 def stop_tokens(chat_template: str | None, eos_token: str | None, end_of_turn_tokens: list[str] | None = None) -> list[str]:
@@ -75,8 +161,9 @@ def render_modelfile(
 ) -> str:
     """Modelfile text. `gguf_file` is the file name beside the Modelfile (FROM ./<file>)."""
     lines = [f"FROM ./{gguf_file}"]
-    if is_chatml(chat_template):
-        lines.append(f"TEMPLATE {_quote(CHATML_OLLAMA_TEMPLATE, 'template')}")
+    template = ollama_template(chat_template)
+    if template:
+        lines.append(f"TEMPLATE {_quote(template, 'template')}")
     if system_prompt:
         lines.append(f"SYSTEM {_quote(system_prompt, 'system prompt')}")
     for token in stops:

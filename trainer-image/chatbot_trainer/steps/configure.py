@@ -1,8 +1,8 @@
 """Step 2, configure: resolve spec + defaults + model preset + hardware into one config.
 
 Everything the later steps need is decided here and written to `configure/config.json`, so a
-run can be read back and reproduced: the base model (and, for a model built from a config, the
-model itself, saved under `configure/base-model/`), warmup, LoRA target modules, and the
+run can be read back and reproduced: the base model (and, for a model built from a config or
+dequantized from a GGUF file, the model itself, saved under `configure/base-model/`), warmup, LoRA target modules, and the
 device, precision and micro-batch size for the hardware configure sees (train and evaluate
 decide those again on their own nodes: see hardware.py). Checks that can fail early do so here
 (unknown model, an architecture the GGUF export does not support) rather than after training.
@@ -49,6 +49,34 @@ def _check_exportable(name_or_path: str) -> str:
     return preflight(local)
 
 
+def _import_gguf(choice, out, show_progress: bool) -> dict[str, Any]:
+    """Dequantize a GGUF base into configure/base-model/ (fetching an https:// file first)."""
+    from pathlib import Path
+
+    from chatbot_trainer.dataset import DataError, resolve_source
+    from chatbot_trainer.gguf_import import import_gguf
+
+    location = choice.name_or_path
+    if location.startswith(("http://", "https://")):
+        try:
+            local = resolve_source(location, cache_dir=out / "download", timeout=600.0)
+        except DataError as exc:
+            raise ModelNotFound(f"cannot fetch the GGUF base model: {exc}") from exc
+    else:
+        local = Path(location)
+    info = import_gguf(local, out / "base-model", show_progress=show_progress)
+    return {**info, "source": location}
+
+
+def _check_chat_template(base_path: str, label: str, data_report: dict[str, Any], params) -> dict[str, Any]:
+    """Before training: can the template express the data's tool calls; its default system prompt."""
+    from chatbot_trainer.template_features import check_chat_template
+    from chatbot_trainer.training import load_tokenizer_with_template
+
+    tokenizer, _ = load_tokenizer_with_template(base_path)
+    return check_chat_template(tokenizer, label, data_report, params.data.max_bad_line_fraction)
+
+
 def run(ctx: StepContext) -> dict[str, Any]:
     prepared = ctx.read_result("prepare")
     from chatbot_trainer.training import default_target_modules
@@ -60,15 +88,22 @@ def run(ctx: StepContext) -> dict[str, Any]:
     except ModelNotFoundError as exc:
         raise ModelNotFound(str(exc)) from exc
 
-    train_conversations = load_jsonl(prepared["train_path"]) if choice.source == "scratch" else []
-    base_path = materialize_base_model(
-        choice, out / "base-model", train_conversations, params.max_seq_length, params.seed
-    )
+    imported = None
+    if choice.source == "gguf":
+        imported = _import_gguf(choice, out, ctx.show_progress)
+        base_path = imported["model_dir"]
+    else:
+        train_conversations = load_jsonl(prepared["train_path"]) if choice.source == "scratch" else []
+        base_path = materialize_base_model(
+            choice, out / "base-model", train_conversations, params.max_seq_length, params.seed
+        )
+    base_label = choice.label if imported is None else f"{choice.label}, from {imported['quantization']}"
     hf_config = _hf_config(base_path)
     architecture = (hf_config.architectures or [type(hf_config).__name__])[0]
     gguf_architecture = _check_exportable(base_path)
+    chat_template = _check_chat_template(base_path, base_label, prepared["report"], params)
 
-    node = hardware.resolve(params)  # train and evaluate resolve again on their own nodes
+    node = hardware.resolve(params, model_config=hf_config.to_dict())  # train/evaluate resolve again on their nodes
     warmup = params.warmup_steps if params.warmup_steps is not None else math.ceil(0.03 * params.training_steps)
     target_modules = (
         params.lora.target_modules or default_target_modules(hf_config.model_type) or "all-linear"
@@ -76,8 +111,9 @@ def run(ctx: StepContext) -> dict[str, Any]:
     config = {
         "name": ctx.name,
         "params": params.to_api(),
-        "base_model": choice.to_dict(),
+        "base_model": {**choice.to_dict(), "label": base_label},
         "base_model_path": base_path,
+        "base_model_import": imported,
         "architecture": architecture,
         "gguf_architecture": gguf_architecture,
         **node,
@@ -85,15 +121,19 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "model_family": hf_config.model_type,
         "target_modules": target_modules if isinstance(target_modules, str) else list(target_modules),
         "train_base_weights": choice.source == "scratch",
+        "chat_template": chat_template,
     }
     write_json_atomic(out / "config.json", config)
     return {
         **config,
         "summary": {
-            "base_model": choice.label,
+            "base_model": base_label,
             "device": node["device"],
             "precision": node["precision"],
             "micro_batch_size": node["micro_batch_size"],
             "gradient_accumulation_steps": node["gradient_accumulation_steps"],
+            "tools": chat_template["tools"],
+            "default_system_prompt": chat_template["default_system_prompt"],
+            **({"warnings": chat_template["warnings"]} if chat_template["warnings"] else {}),
         },
     }

@@ -3,7 +3,10 @@
 The fine-tuned model and the base model (before fine-tuning) are evaluated on the same
 tokenized examples, so the result shows before → after. ``evaluate/metrics.json`` is written
 before the quality thresholds (``evaluation.maxLoss``, ``evaluation.minAccuracy``) are checked,
-so a failed run still shows what it reached. With an empty eval split (tiny data sets, or
+so a failed run still shows what it reached. A fine-tuned eval loss that is not below the base
+model's is a warning in the result (and the operator's status), and fails the step with
+``evaluation.requireImprovement``. A few held-out questions (``evaluation.sampleAnswers``) are
+answered greedily by both models and kept side by side with the data's own answers. With an empty eval split (tiny data sets, or
 ``data.evalFraction: 0``) a deterministic sample of the training split is used and the result
 says so (``"eval_split": "train-sample"``).
 """
@@ -75,6 +78,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     import torch
 
     from chatbot_trainer.evaluation import evaluate_model
+    from chatbot_trainer.samples import generate_answers, sample_questions, side_by_side
     from chatbot_trainer.tokenization import tokenize_dataset
     from chatbot_trainer.training import load_base_model, load_trained_model
 
@@ -86,7 +90,8 @@ def run(ctx: StepContext) -> dict[str, Any]:
         hf_logging.disable_progress_bar()
     configure = ctx.read_result("configure")
     trained = ctx.read_result("train")
-    node = hardware.resolve(ctx.params)  # this node's GPU, not the one configure ran on
+    # this node's GPU (or CPU and memory), not the one configure ran on
+    node = hardware.resolve(ctx.params, model_config=hardware.model_config_of(trained.get("base_model_path_for_adapter")))
     device = node["device"]
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(node["precision"])
     dtype = half if device == "cuda" else None
@@ -113,11 +118,14 @@ def run(ctx: StepContext) -> dict[str, Any]:
         device=device,
         pad_token_id=tokenizer.pad_token_id,
     )
+    questions = sample_questions(conversations, params.evaluation.sample_answers, params.seed)
     try:
         metrics = evaluate_model(model, examples, **settings)
+        fine_tuned_answers = generate_answers(model, tokenizer, questions)
         del model
         base_model = load_base_model(trained, device=device, dtype=dtype)
         base_metrics = evaluate_model(base_model, examples, **settings)
+        base_answers = generate_answers(base_model, tokenizer, questions)
         del base_model
     except ValueError as exc:  # e.g. a model that cannot keep packed examples apart
         raise InvalidConfig(str(exc)) from exc
@@ -132,16 +140,34 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "thresholds": {
             "max_loss": params.evaluation.max_loss,
             "min_accuracy": params.evaluation.min_accuracy,
+            "require_improvement": params.evaluation.require_improvement,
         },
+        "samples": side_by_side(questions, base=base_answers, fine_tuned=fine_tuned_answers),
+        "sample_questions": questions,
+        "samples_generated_with": "transformers (merged model and base model, greedy)",
     }
+    not_improved = improvement_warning(report["metrics"], report["base_metrics"])
+    report["warnings"] = [not_improved] if not_improved else []
     problems = check_thresholds(metrics, params.evaluation)
+    if not_improved and params.evaluation.require_improvement:
+        problems.append(f"{not_improved} (evaluation.requireImprovement is set)")
     report["passed"] = not problems
     write_json_atomic(out / "metrics.json", report)
     if problems:
         raise QualityThresholdNotMet("; ".join(problems))
-    return {
-        **report,
-        "metrics_path": str(out / "metrics.json"),
-        "summary": {"metrics": report["metrics"], "base_metrics": report["base_metrics"]},
-    }
+    summary = {"metrics": report["metrics"], "base_metrics": report["base_metrics"]}
+    if report["warnings"]:
+        summary["warnings"] = report["warnings"]
+    return {**report, "metrics_path": str(out / "metrics.json"), "summary": summary}
+
+
+def improvement_warning(metrics: dict[str, float], base_metrics: dict[str, float]) -> str | None:
+    """A sentence when fine-tuning did not lower the eval loss below the base model's."""
+    if metrics["loss"] < base_metrics["loss"]:
+        return None
+    return (
+        f"the fine-tuned model is not better than the base model: eval loss {metrics['loss']:.4g} vs "
+        f"{base_metrics['loss']:.4g} before fine-tuning (accuracy {metrics['accuracy']:.3g} vs "
+        f"{base_metrics['accuracy']:.3g}); lower learningRate, check the data, or train longer"
+    )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,6 @@ MiB = 1024 * 1024
 
 
 def run(ctx: StepContext) -> dict[str, Any]:
-    from chatbot_trainer import gguf_writer
-
     trained = ctx.read_result("train")
     configured = ctx.read_result("configure")
     base_label = (configured.get("base_model") or {}).get("label") or trained.get("base_model_path_for_adapter")
@@ -44,39 +43,15 @@ def run(ctx: StepContext) -> dict[str, Any]:
     _remove_stale_merges(export_dir)
     merge_note = merge_adapter(trained, merged_dir)
 
-    files: list[dict[str, Any]] = []
-    written: list[gguf_writer.GGUFFile] = []
-    for quant in quantizations:
-        target = out_dir / f"{name}.{quant}.gguf"
-        try:
-            info = gguf_writer.write_gguf(
-                merged_dir, target, quant, name=name, base_model=base_label, finetune="lora-chat"
-            )
-        except StepError:
-            raise
-        except OSError as exc:
-            raise StepError(f"writing {target} failed: {exc} (is the volume full or read-only?)") from exc
-        except (ValueError, NotImplementedError) as exc:
-            raise StepError(f"writing {target.name} failed: {exc}") from exc
-        vocab_size = int(gguf_writer.load_config(merged_dir).get("vocab_size") or 0) or None
-        gguf_writer.verify_gguf(info.path, arch=info.arch, tensor_count=info.tensor_count, vocab_size=vocab_size)
-        written.append(info)
-        files.append(
-            {
-                "path": str(info.path),
-                "quantization": quant,
-                "size_mb": round(info.size_bytes / MiB, 3),
-                "tensor_types": info.tensor_types,
-                "f16_fallbacks": info.fallbacks,
-                "tokenizer_pre": info.tokenizer_pre,
-                "notes": info.notes,
-            }
-        )
+    files, written = _write_files(merged_dir, out_dir, name, base_label, quantizations)
 
     modelfile_path = out_dir / "Modelfile"
-    _write_modelfile(modelfile_path, merged_dir, Path(files[0]["path"]).name, ctx.params.data.system_prompt)
+    modelfile_info = _write_modelfile(
+        modelfile_path, merged_dir, Path(files[0]["path"]).name, ctx.params.data.system_prompt
+    )
 
     first = files[0]
+    served = answer_with_gguf(ctx, first["path"])
     return {
         "name": name,
         "merged_path": str(merged_dir),
@@ -85,6 +60,8 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "arch": written[0].arch,
         "files": files,
         "modelfile": str(modelfile_path),
+        "modelfile_system": modelfile_info,
+        "gguf_samples": served,
         "summary": {
             "model": {
                 "path": first["path"],
@@ -95,6 +72,101 @@ def run(ctx: StepContext) -> dict[str, Any]:
                 "modelfile": str(modelfile_path),
             }
         },
+    }
+
+
+# ---------------------------------------------------------------------------- GGUF files
+
+
+def _write_files(merged_dir: Path, out_dir: Path, name: str, base_label: str, quantizations: list[str]):
+    """Every requested file, in the requested order; K-quants are made from an F16 file (the
+    requested one, or a temporary one removed afterwards)."""
+    from chatbot_trainer import gguf_writer, llama_quantize
+
+    k_quants = [q for q in quantizations if q in llama_quantize.K_QUANTS]
+    if k_quants and (problem := llama_quantize.available()):
+        raise StepError(problem, reason="InvalidConfig", exit_code=2)
+    direct = [q for q in quantizations if q not in llama_quantize.K_QUANTS]
+    if k_quants and "f16" not in direct:
+        direct.append("f16")  # the K-quants' source, not kept
+    vocab_size = int(gguf_writer.load_config(merged_dir).get("vocab_size") or 0) or None
+    by_quant: dict[str, dict[str, Any]] = {}
+    infos: dict[str, Any] = {}
+    for quant in direct:
+        keep = quant in quantizations
+        target = out_dir / (f"{name}.{quant}.gguf" if keep else f".{name}.f16-source.gguf")
+        started = time.perf_counter()
+        info = _write_direct(merged_dir, target, quant, name, base_label)
+        seconds = round(time.perf_counter() - started, 2)
+        checked = gguf_writer.verify_gguf(info.path, arch=info.arch, tensor_count=info.tensor_count,
+                                          vocab_size=vocab_size)
+        infos[quant] = info
+        by_quant[quant] = _file_entry(info.path, quant, checked["tensor_types"], info.fallbacks,
+                                      info.tokenizer_pre, info.notes, seconds)
+    source = infos.get("f16")
+    for quant in k_quants:
+        target = out_dir / f"{name}.{quant}.gguf"
+        started = time.perf_counter()
+        try:
+            llama_quantize.quantize(source.path, target, quant)
+        except OSError as exc:
+            raise StepError(f"writing {target} failed: {exc} (is the volume full or read-only?)") from exc
+        checked = gguf_writer.verify_gguf(target, arch=source.arch, tensor_count=source.tensor_count,
+                                          vocab_size=vocab_size)
+        note = llama_quantize.fallback_note(quant, checked["tensor_types"])
+        by_quant[quant] = _file_entry(target, quant, checked["tensor_types"], [], source.tokenizer_pre,
+                                      [note] if note else [], round(time.perf_counter() - started, 2))
+    if source is not None and "f16" not in quantizations:
+        Path(source.path).unlink(missing_ok=True)
+    files = [by_quant[q] for q in quantizations]
+    return files, [infos[q] for q in direct if q in infos]
+
+
+def _write_direct(merged_dir: Path, target: Path, quant: str, name: str, base_label: str):
+    from chatbot_trainer import gguf_writer
+
+    try:
+        return gguf_writer.write_gguf(merged_dir, target, quant, name=name, base_model=base_label, finetune="lora-chat")
+    except StepError:
+        raise
+    except OSError as exc:
+        raise StepError(f"writing {target} failed: {exc} (is the volume full or read-only?)") from exc
+    except (ValueError, NotImplementedError) as exc:
+        raise StepError(f"writing {target.name} failed: {exc}") from exc
+
+
+def _file_entry(path, quant, tensor_types, fallbacks, tokenizer_pre, notes, seconds) -> dict[str, Any]:
+    return {
+        "path": str(path),
+        "quantization": quant,
+        "size_mb": round(Path(path).stat().st_size / MiB, 3),
+        "tensor_types": tensor_types,
+        "f16_fallbacks": fallbacks,
+        "tokenizer_pre": tokenizer_pre,
+        "notes": notes,
+        "seconds": seconds,
+    }
+
+
+def answer_with_gguf(ctx: StepContext, path: str) -> dict[str, Any] | None:
+    """The evaluate step's sample questions answered by llama.cpp from the exported file (as
+    it will be served), beside the merged model's answers; None without llama-cpp-python."""
+    from chatbot_trainer.samples import gguf_answers
+
+    evaluated = ctx.read_result("evaluate") if ctx.result_path("evaluate").is_file() else {}
+    questions = evaluated.get("sample_questions") or []
+    if not questions:
+        return None
+    answers = gguf_answers(path, questions)
+    if answers is None:
+        return None
+    merged = [row.get("fine_tuned") for row in evaluated.get("samples") or []]
+    return {
+        "file": path,
+        "generated_with": "llama.cpp (llama-cpp-python, embedded chat template, greedy)",
+        "answers": answers,
+        "same_as_merged_model": sum(a == b for a, b in zip(answers, merged)),
+        "questions": len(answers),
     }
 
 
@@ -143,20 +215,26 @@ def merge_adapter(trained: dict[str, Any], merged_dir: Path) -> str:
 # ---------------------------------------------------------------------------- Modelfile
 
 
-def _write_modelfile(path: Path, merged_dir: Path, gguf_name: str, system_prompt: str | None) -> None:
+def _write_modelfile(path: Path, merged_dir: Path, gguf_name: str, system_prompt: str | None) -> dict[str, Any]:
+    """Write the Modelfile; returns which system prompt it carries and why."""
     from chatbot_trainer import gguf_writer, modelfile
 
     config = gguf_writer.load_config(merged_dir)
     vocab = gguf_writer.read_vocab(merged_dir, config)
     eos = vocab.tokens[vocab.eos_id] if vocab.eos_id is not None else None
+    bos = vocab.tokens[vocab.bos_id] if vocab.bos_id is not None else None
     end_of_turn = [t for t in gguf_writer.END_OF_TURN_TOKENS if t in set(vocab.tokens) and t != "<|endoftext|>"]
     context = config.get("max_position_embeddings") or config.get("n_positions")
+    default_system = modelfile.default_system_prompt(
+        vocab.chat_template, {k: v for k, v in (("bos_token", bos), ("eos_token", eos)) if v}
+    )
+    system = system_prompt or default_system
     try:
         text = modelfile.render_modelfile(
             gguf_name,
             chat_template=vocab.chat_template,
             stops=modelfile.stop_tokens(vocab.chat_template, eos, end_of_turn),
-            system_prompt=system_prompt,
+            system_prompt=system,
             num_ctx=context,
         )
     except ValueError as exc:
@@ -170,11 +248,19 @@ def _write_modelfile(path: Path, merged_dir: Path, gguf_name: str, system_prompt
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return {
+        "path": str(path),
+        "system": system,
+        "system_source": "data.systemPrompt" if system_prompt else ("chat template default" if system else None),
+        "template": "ollama" if modelfile.ollama_template(vocab.chat_template) else "embedded in the GGUF",
+    }
 
 
 def _remove_stale_temporaries(out_dir: Path, name: str) -> None:
     """Temporaries of an export that was killed mid-write (never a finished file)."""
-    for stale in list(out_dir.glob(f".{name}.*.gguf.*.tmp")) + list(out_dir.glob(".Modelfile.*.tmp")):
+    stale_files = [*out_dir.glob(f".{name}.*.gguf.*.tmp"), *out_dir.glob(".Modelfile.*.tmp"),
+                   out_dir / f".{name}.f16-source.gguf"]
+    for stale in stale_files:
         stale.unlink(missing_ok=True)
 
 

@@ -1,0 +1,87 @@
+"""Held-out questions answered by the base and the fine-tuned model, for people to compare.
+
+Metrics say how much a model improved; a few answers side by side say whether it got better in
+the way the data meant. The questions are the first user turns (with any system message before
+them) of a deterministic choice of held-out conversations; the reference is the data's own
+answer. Answers are greedy, so the same model gives the same text on every run.
+
+`generate_answers` uses transformers (the evaluate step, on the merged model and on the base);
+`gguf_answers` uses llama.cpp on an exported file (the export step, where llama-cpp-python is
+installed), the way the model will be served.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+MAX_NEW_TOKENS = 64
+
+
+def sample_questions(conversations: Sequence[dict[str, Any]], count: int, seed: int) -> list[dict[str, Any]]:
+    """Up to `count` held-out questions: {"messages": [system?, user], "reference": text}."""
+    import numpy as np
+
+    usable = []
+    for conversation in conversations:
+        messages = conversation["messages"]
+        first_assistant = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+        if first_assistant is None or not any(m["role"] == "user" for m in messages[:first_assistant]):
+            continue
+        usable.append({"messages": [dict(m) for m in messages[:first_assistant]],
+                       "reference": messages[first_assistant]["content"]})
+    if not usable or count <= 0:
+        return []
+    chosen = np.random.default_rng([seed, 7]).choice(len(usable), size=min(count, len(usable)), replace=False)
+    return [usable[int(i)] for i in sorted(chosen)]
+
+
+def generate_answers(model, tokenizer, questions: Sequence[dict[str, Any]],
+                     max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    """Greedy answers from a transformers model, all questions in one left-padded batch,
+    each stopping at the model's end-of-turn token."""
+    import torch
+
+    if not questions:
+        return []
+    device = next(model.parameters()).device
+    prompts = [tokenizer.apply_chat_template(q["messages"], add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"] for q in questions]
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=attention, do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, use_cache=True)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+def gguf_answers(path: str, questions: Sequence[dict[str, Any]], max_new_tokens: int = MAX_NEW_TOKENS,
+                 n_ctx: int = 2048) -> list[str] | None:
+    """Greedy answers from a GGUF file with llama.cpp (its embedded chat template), or None
+    when llama-cpp-python is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, verbose=False, seed=0)
+    try:
+        return [
+            llm.create_chat_completion(question["messages"], temperature=0.0, max_tokens=max_new_tokens)[
+                "choices"][0]["message"]["content"].strip()
+            for question in questions
+        ]
+    finally:
+        llm.close()
+
+
+def side_by_side(questions: Sequence[dict[str, Any]], **answers: Sequence[str] | None) -> list[dict[str, Any]]:
+    """One record per question: the question, the reference and each model's answer."""
+    rows = []
+    for i, question in enumerate(questions):
+        row = {"question": question["messages"][-1]["content"], "reference": question["reference"]}
+        for name, texts in answers.items():
+            if texts is not None:
+                row[name] = texts[i]
+        rows.append(row)
+    return rows
