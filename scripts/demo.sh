@@ -13,10 +13,10 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 exec .venv/bin/chatbot-training run \
   --training_data examples/data/support.jsonl \
   --model_type "${DEMO_MODEL:-smollm}" \
-  --training_steps "${DEMO_STEPS:-60}" \
+  --training_steps "${DEMO_STEPS:-40}" \
   --batch_size 4 \
   --learning_rate "${DEMO_LR:-0.0003}" \
-  --set maxSeqLength=256 \
+  --set maxSeqLength=128 \
   --set logEvery=10 \
   --name support-bot \
   --output output/demo "$@"
