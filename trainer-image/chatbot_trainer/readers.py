@@ -361,9 +361,9 @@ def _rows(batches: Iterable[Any], start: int = 1) -> tuple[list[RawRecord], list
 
 def _pyarrow(path: Path, what: str):
     try:
-        import pyarrow as pa  # installed with datasets, a dependency of the trainer
+        import pyarrow as pa  # installed with datasets: the `data` extra (in the trainer image)
     except ImportError as exc:
-        raise DataError(f"reading {what} {path} needs pyarrow; pip install pyarrow") from exc
+        raise DataError(f"reading {what} {path} needs pyarrow: pip install 'chatbot-training[data]'") from exc
     return pa
 
 
@@ -400,7 +400,7 @@ def _datasets(what: str):
     try:
         import datasets
     except ImportError as exc:
-        raise DataError(f"reading {what} needs the datasets library; pip install datasets") from exc
+        raise DataError(f"reading {what} needs the datasets library: pip install 'chatbot-training[data]'") from exc
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     return datasets
