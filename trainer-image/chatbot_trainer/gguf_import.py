@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -142,12 +143,13 @@ def import_gguf(path: Path, out_dir: Path, *, show_progress: bool = False) -> di
     if not show_progress:
         hf_logging.disable_progress_bar()
     try:
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        if config.model_type == "gpt2":  # transformers reads gpt2.context_length into n_ctx only
-            config.n_positions = config.n_ctx
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
-                                                      dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with _one_reader_per_file():
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            if config.model_type == "gpt2":  # transformers reads gpt2.context_length into n_ctx only
+                config.n_positions = config.n_ctx
+            loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
+                                                          dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise UnsupportedArchitecture(
             f"transformers cannot read {path.name} ({meta['architecture']}, {meta['quantization']}): {exc}"
@@ -186,6 +188,32 @@ def import_gguf(path: Path, out_dir: Path, *, show_progress: bool = False) -> di
         "parameters": parameters,
         "model_dir": str(out_dir),
     }
+
+
+@contextmanager
+def _one_reader_per_file():
+    """transformers opens the file with gguf.GGUFReader for the config, the weights and the
+    tokenizer, and each opening parses every metadata array (seconds for a 49k vocabulary);
+    it also builds gguf's tensor-name map once per tensor. Both are pure: within this block
+    the same read-only reader and the same map are handed out again (about 2x faster)."""
+    import functools
+
+    import gguf
+
+    original_reader, original_map, readers = gguf.GGUFReader, gguf.get_tensor_name_map, {}
+
+    def shared_reader(path, *args, **kwargs):
+        key = (str(Path(path).resolve()), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original_reader(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_map
 
 
 def _restore_pre_tokenizer(tokenizer_json: Path, ggml_pre: str | None) -> bool:
