@@ -634,65 +634,6 @@ def test_modelfile_for_other_templates_keeps_stops_and_uses_the_embedded_templat
         mf.render_modelfile("x.gguf", chat_template=None, stops=[], system_prompt='say """hi"""')
 
 
-@pytest.mark.skipif(shutil.which("go") is None, reason="Go toolchain not installed (renders Ollama's Go template)")
-def test_modelfile_template_renders_like_the_chat_template_in_go(tmp_path):
-    """Ollama executes TEMPLATE with Go's text/template; render it there and compare with Jinja."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    (tmp_path / "go.mod").write_text("module tpl\n\ngo 1.18\n")
-    (tmp_path / "main.go").write_text(GO_RENDERER)
-    (tmp_path / "tpl.txt").write_text(mf.CHATML_OLLAMA_TEMPLATE)
-    env = {**os.environ, "GOCACHE": str(tmp_path / "cache"), "GOPATH": str(tmp_path / "gopath"), "GOFLAGS": "-mod=mod"}
-    subprocess.run(["go", "build", "-o", "tpl", "."], cwd=tmp_path, env=env, check=True, timeout=300)
-    jinja = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
-        gguf_writer.strip_generation_tags(models.CHATML_TEMPLATE))
-    for probe in PROBES:
-        rendered = subprocess.run([tmp_path / "tpl", tmp_path / "tpl.txt"], input=json.dumps({"Messages": probe}),
-                                  capture_output=True, text=True, check=True).stdout
-        assert rendered == jinja.render(messages=probe, add_generation_prompt=True)
-    legacy = subprocess.run([tmp_path / "tpl", tmp_path / "tpl.txt"], capture_output=True, text=True, check=True,
-                            input=json.dumps({"System": SYSTEM_PROMPT, "Prompt": "Hi"})).stdout
-    assert legacy == jinja.render(messages=[{"role": "system", "content": SYSTEM_PROMPT},
-                                            {"role": "user", "content": "Hi"}], add_generation_prompt=True)
-
-
-GO_RENDERER = """package main
-
-import (
-	"encoding/json"
-	"os"
-	"text/template"
-)
-
-type Message struct {
-	Role    string `json:"role"`
-	Content string `json:"content"`
-}
-
-type Values struct {
-	System   string
-	Prompt   string
-	Response string
-	Messages []*Message
-}
-
-func main() {
-	src, err := os.ReadFile(os.Args[1])
-	if err != nil {
-		panic(err)
-	}
-	tmpl := template.Must(template.New("t").Parse(string(src)))
-	var v Values
-	if err := json.NewDecoder(os.Stdin).Decode(&v); err != nil {
-		panic(err)
-	}
-	if err := tmpl.Execute(os.Stdout, v); err != nil {
-		panic(err)
-	}
-}
-"""
-
-
 # ---------------------------------------------------------------------------- GGUF as a base
 
 

@@ -48,15 +48,22 @@ func main() {
 		Template string    `json:"template"`
 		System   string    `json:"system"`
 		Messages []Message `json:"messages"`
+		Legacy   bool      `json:"legacy"`
 	}
 	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
 		panic(err)
+	}
+	t := template.Must(template.New("").Option("missingkey=zero").Parse(in.Template))
+	if in.Legacy { // older Ollama: .System and .Prompt, no .Messages
+		if err := t.Execute(os.Stdout, Values{System: in.System, Prompt: in.Messages[len(in.Messages)-1].Content}); err != nil {
+			panic(err)
+		}
+		return
 	}
 	messages := in.Messages
 	if in.System != "" && (len(messages) == 0 || messages[0].Role != "system") {
 		messages = append([]Message{{Role: "system", Content: in.System}}, messages...)
 	}
-	t := template.Must(template.New("").Option("missingkey=zero").Parse(in.Template))
 	if err := t.Execute(os.Stdout, Values{Messages: messages}); err != nil {
 		panic(err)
 	}
@@ -117,8 +124,8 @@ def go_render(tmp_path_factory):
            "CGO_ENABLED": "0", "GOTOOLCHAIN": "local"}
     subprocess.run([go, "build", "-o", str(work / "render"), "."], cwd=work, env=env, check=True, timeout=600)
 
-    def render(template: str, system: str | None, messages: list[dict[str, str]]) -> str:
-        payload = json.dumps({"template": template, "system": system or "", "messages": messages})
+    def render(template: str, system: str | None, messages: list[dict[str, str]], legacy: bool = False) -> str:
+        payload = json.dumps({"template": template, "system": system or "", "messages": messages, "legacy": legacy})
         done = subprocess.run([str(work / "render")], input=payload, capture_output=True, text=True, check=True)
         return done.stdout
 
@@ -184,3 +191,14 @@ def test_generic_chatml_without_default_has_no_system_line(go_render):
     assert system is None
     for messages in CONVERSATIONS.values():
         assert go_render(go_template, None, messages) == hf_render(template, messages, {})
+
+
+@pytest.mark.parametrize("family", ["smollm2", "llama3-style"])
+def test_the_legacy_system_prompt_form_renders_the_same(go_render, family):
+    """Ollama versions without .Messages render .System and .Prompt."""
+    template, special = (smollm2_template(), {}) if family == "smollm2" else (LLAMA3_STYLE, SPECIAL)
+    go_template, system = modelfile_parts(template, special)
+    question = CONVERSATIONS["one question"]
+    expected = hf_render(template, question if system is None else
+                         [{"role": "system", "content": system}, *question], special)
+    assert go_render(go_template, system, question, legacy=True) == expected
