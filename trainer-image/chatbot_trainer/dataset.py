@@ -43,10 +43,10 @@ from .readers import (
     SourceRecords,
     gc_paused,
     json_error,
-    json_kind,
     parse_hub_uri,
     read_records,
     read_source,
+    records_of_values,
 )
 
 __all__ = [
@@ -460,20 +460,7 @@ def prepare_conversations(
 
 
 def _records_in_memory(items: Iterable[Any]) -> SourceRecords:
-    records: list[RawRecord] = []
-    errors: list[LineError] = []
-    for index, item in enumerate(items, 1):
-        if isinstance(item, RawRecord):
-            records.append(item)
-        elif isinstance(item, dict):
-            records.append(RawRecord(index, item, "record"))
-        else:
-            errors.append(
-                LineError(
-                    index, f"expected a JSON object, got {json_kind(item)}", "not_an_object",
-                    "record",
-                )
-            )
+    records, errors = records_of_values(items)
     unit = records[0].unit if records else "record"
     return SourceRecords(records, errors, unit, "records")
 

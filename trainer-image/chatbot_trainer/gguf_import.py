@@ -15,14 +15,12 @@ all tokenize the same way.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from chatbot_trainer.errors import ModelNotFound, UnsupportedArchitecture
+from chatbot_trainer.workspace import replace_dir_atomically
 
 
 def _byte_level(use_regex: bool) -> dict[str, Any]:
@@ -167,18 +165,10 @@ def import_gguf(path: Path, out_dir: Path, *, show_progress: bool = False) -> di
     parameters = sum(p.numel() for p in model.parameters())
     del loaded
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with replace_dir_atomically(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         corrected = _restore_pre_tokenizer(tmp / "tokenizer.json", meta["tokenizer_pre"])
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "file": str(path),
         "architecture": meta["architecture"],

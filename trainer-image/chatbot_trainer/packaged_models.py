@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_MODEL_DIR = Path("/opt/chatbot/models")
+CACHE_MODEL_DIR = Path.home() / ".cache" / "chatbot-training" / "models"
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,14 @@ class FetchError(Exception):
 
 
 def default_dir() -> Path:
-    return Path(os.environ.get("CHATBOT_MODEL_DIR") or Path.home() / ".cache" / "chatbot-training" / "models")
+    return Path(os.environ.get("CHATBOT_MODEL_DIR") or CACHE_MODEL_DIR)
 
 
 def search_dirs() -> list[Path]:
     dirs = []
     if os.environ.get("CHATBOT_MODEL_DIR"):
         dirs.append(Path(os.environ["CHATBOT_MODEL_DIR"]))
-    dirs += [IMAGE_MODEL_DIR, Path.home() / ".cache" / "chatbot-training" / "models"]
+    dirs += [IMAGE_MODEL_DIR, CACHE_MODEL_DIR]
     return dirs
 
 

@@ -266,10 +266,18 @@ def _read_array(path: Path, data: bytes) -> SourceRecords | None:
         raise DataError(
             f"training data {path} is not valid JSON: {json_error(exc, with_line=True)}"
         ) from exc
+    records, errors = records_of_values(values)
+    return SourceRecords(records, errors, "record", "json_array")
+
+
+def records_of_values(values: Iterable[Any]) -> tuple[list[RawRecord], list[LineError]]:
+    """Parsed values → records numbered from 1 (RawRecords pass through; non-objects are errors)."""
     records: list[RawRecord] = []
     errors: list[LineError] = []
     for index, value in enumerate(values, 1):
-        if isinstance(value, dict):
+        if isinstance(value, RawRecord):
+            records.append(value)
+        elif isinstance(value, dict):
             records.append(RawRecord(index, value, "record"))
         else:
             errors.append(
@@ -278,7 +286,7 @@ def _read_array(path: Path, data: bytes) -> SourceRecords | None:
                     "record",
                 )
             )
-    return SourceRecords(records, errors, "record", "json_array")
+    return records, errors
 
 
 def _read_jsonl(path: Path, data: bytes) -> SourceRecords:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,22 @@ def write_json_atomic(path: Path, data: Any) -> None:
         handle.write("\n")
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are read by other users (serving pods)
     os.replace(tmp, path)
+
+
+@contextmanager
+def replace_dir_atomically(target: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `target`; on success it replaces `target` whole, on
+    failure it is removed. A killed step never leaves a half-written directory under `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @dataclass

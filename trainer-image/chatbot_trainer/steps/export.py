@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from chatbot_trainer.errors import ModelNotFound, StepError
-from chatbot_trainer.workspace import StepContext
+from chatbot_trainer.workspace import StepContext, replace_dir_atomically
 
 MiB = 1024 * 1024
 
@@ -197,18 +197,10 @@ def merge_adapter(trained: dict[str, Any], merged_dir: Path) -> str:
         raise StepError(
             f"cannot merge the adapter {adapter_path} into {base_path}: {exc}; the adapter and base model do not match"
         ) from exc
-    merged_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=merged_dir.parent, prefix=f".{merged_dir.name}."))
-    try:
+    with replace_dir_atomically(merged_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         gguf_writer.apply_default_mode(tmp)
-        if merged_dir.exists():
-            shutil.rmtree(merged_dir)
-        os.replace(tmp, merged_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return f"adapter {adapter_path} merged into {base_path}"
 
 
