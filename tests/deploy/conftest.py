@@ -24,7 +24,7 @@ from deploy_support import BIN_DIR, GET_HELM, Tools, in_ci  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tools(tmp_path_factory: pytest.TempPathFactory) -> Tools:
-    """helm v4.3.1 and kubectl v1.37.1 in .cache/bin, with HELM_* homes in a temp dir."""
+    """helm v4.3.1 and kubectl v1.37.1 in .cache/bin, with HOME and HELM_* homes in a temp dir."""
     proc = subprocess.run(["bash", str(GET_HELM)], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         message = f"scripts/get-helm.sh could not provide helm/kubectl:\n{proc.stdout}\n{proc.stderr}"
@@ -34,6 +34,7 @@ def tools(tmp_path_factory: pytest.TempPathFactory) -> Tools:
     home = tmp_path_factory.mktemp("helm-home")
     env = {
         **os.environ,
+        "HOME": str(home),
         "HELM_CACHE_HOME": str(home / "cache"),
         "HELM_CONFIG_HOME": str(home / "config"),
         "HELM_DATA_HOME": str(home / "data"),
