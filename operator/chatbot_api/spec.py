@@ -178,6 +178,11 @@ class TrainingParams(ApiModel):
         description="Training precision; auto picks bf16 autocast where the GPU or CPU supports "
         "it natively (CPU: avx512_bf16 or AMX), fp32 elsewhere.",
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch.compile of the decoder layers; auto compiles on CPUs when the run is "
+        "long enough to repay the compile time (about a minute), eager otherwise.",
+    )
     seed: int = Field(42, ge=0, description="Seed for the data split and training.")
     checkpoint_every: int = Field(
         100, ge=1, description="Save a resumable checkpoint every N steps."

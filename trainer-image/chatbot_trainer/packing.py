@@ -256,12 +256,15 @@ SEGMENTS_ARCHITECTURES = frozenset({"gpt2", "llama", "qwen2", "qwen3", "smollm3"
 
 @dataclass(frozen=True)
 class SegmentLayoutArgs:
-    """The batch's segment layout as the attention function receives it (a forward kwarg)."""
+    """The batch's segment layout as the attention function receives it (a forward kwarg).
 
-    gather: Any
-    slot: Any
-    num_segments: int
-    width: int
+    ``gather`` is shaped (num_segments, width): the sizes travel as tensor shapes rather than
+    Python ints, so a compiled decoder layer sees them as dynamic sizes instead of recompiling
+    for every new (num_segments, width) pair.
+    """
+
+    gather: Any  # (num_segments, width) long
+    slot: Any  # (B * L,) long
 
 
 def segments_sdpa_attention(
@@ -290,10 +293,12 @@ def segments_sdpa_attention(
         )
     batch, q_heads, length, head_dim = query.shape
     kv_heads = key.shape[1]
+    num_segments, width = segments.gather.shape
+    gather = segments.gather.reshape(-1)
 
     def to_segments(x, heads):
         x = x.transpose(1, 2).reshape(batch * length, heads, x.shape[-1])
-        x = x.index_select(0, segments.gather).view(segments.num_segments, segments.width, heads, x.shape[-1])
+        x = x.index_select(0, gather).view(num_segments, width, heads, x.shape[-1])
         return x.transpose(1, 2)
 
     q, k, v = to_segments(query, q_heads), to_segments(key, kv_heads), to_segments(value, kv_heads)
@@ -301,7 +306,7 @@ def segments_sdpa_attention(
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, **extra
     )
-    out = out.transpose(1, 2).reshape(segments.num_segments * segments.width, q_heads, out.shape[-1])
+    out = out.transpose(1, 2).reshape(num_segments * width, q_heads, out.shape[-1])
     out = out.index_select(0, segments.slot).view(batch, length, q_heads, out.shape[-1])
     return out, None
 
@@ -341,7 +346,7 @@ def model_inputs(
         inputs["position_ids"] = batch.position_ids
         if attention_mode == "segments":
             inputs["segments"] = SegmentLayoutArgs(
-                batch.segment_gather, batch.segment_slot, batch.num_segments, batch.segment_width
+                batch.segment_gather.view(batch.num_segments, batch.segment_width), batch.segment_slot
             )
         elif attention_mode == "4d":
             inputs["attention_mask"] = block_causal_mask(

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from chatbot_trainer import hardware
+from chatbot_trainer import compilation, hardware
 from chatbot_trainer.errors import InvalidConfig, InvalidData, ModelNotFound, TrainingDiverged
 from chatbot_trainer.evaluation import token_loss_sums
 from chatbot_trainer.packing import (
@@ -170,6 +170,13 @@ def load_causal_lm(path: str, dtype=None):
 
 
 # ---------------------------------------------------------------------------- data order
+
+
+def batch_tokens_estimate(sequences, batch_size: int) -> int:
+    """Tokens an optimizer step trains on average (the sequences' mean length x batch size)."""
+    if not sequences:
+        return 0
+    return int(batch_size * sum(len(s["input_ids"]) for s in sequences) / len(sequences))
 
 
 def epoch_order(num_sequences: int, seed: int, epoch: int) -> np.ndarray:
@@ -511,6 +518,9 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         log.info("resuming from %s (step %d of %d)", path, step, params.training_steps)
         break
     metrics_log = _MetricsLog(train_dir / "metrics.jsonl", step)
+    tokens_to_train = (params.training_steps - step) * batch_tokens_estimate(sequences, params.batch_size)
+    compiled = compilation.apply(model, params.compile, device, tokens=tokens_to_train,
+                                 cache_dir=train_dir / "compile-cache")
 
     # 6. The loop.
     batch_size, micro = params.batch_size, plan.micro_batch_size
@@ -660,6 +670,7 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         "micro_batch_size": micro,
         "gradient_accumulation_steps": math.ceil(batch_size / micro),
         "attention": attention_mode if params.packing else "causal (padded)",
+        "compile": compiled,
         "lora": {"rank": params.lora.rank, "alpha": params.lora.alpha, "dropout": params.lora.dropout,
                  "target_modules": target_modules},
         "metrics_path": str(train_dir / "metrics.jsonl"),
