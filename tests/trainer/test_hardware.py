@@ -23,7 +23,7 @@ def params(**extra):
 def test_precision_and_micro_batch_follow_the_hardware():
     assert hardware.resolve(params(), CPU) | {"hardware": None, "precision_reason": None} == {
         "hardware": None, "device": "cpu", "precision": "fp32", "precision_reason": None,
-        "micro_batch_size": 64, "gradient_accumulation_steps": 1}
+        "micro_batch_size": 1, "gradient_accumulation_steps": 64}  # 1,024-token rows: one per pass
     h100 = hardware.resolve(params(), H100)
     assert (h100["precision"], h100["micro_batch_size"], h100["gradient_accumulation_steps"]) == ("bf16", 16, 4)
     assert hardware.resolve(params(), T4)["precision"] == "fp16"
@@ -82,16 +82,19 @@ def test_cpus_with_native_bf16_train_in_bf16_autocast():
 
 
 def test_cpu_micro_batches_fit_the_memory_of_the_machine():
-    """SmolLM2-135M at 4 x 256 tokens peaked at 5.2 GB: on a 4 GiB machine that must be split."""
-    p = params(batch_size=4, max_seq_length=256)
+    """SmolLM2-135M at 4 x 128 tokens peaked at 3.0 GB: on a 2.5 GiB machine that must be split."""
+    p = params(batch_size=4, max_seq_length=128)
     roomy = hardware.resolve(p, {**CPU, "memory_gb": 22.0}, model_config=SMOLLM2)
-    assert (roomy["micro_batch_size"], roomy["gradient_accumulation_steps"]) == (4, 1)
-    small = hardware.resolve(p, {**CPU, "memory_gb": 4.0}, model_config=SMOLLM2)
+    assert (roomy["micro_batch_size"], roomy["gradient_accumulation_steps"]) == (4, 1)  # 512 tokens
+    small = hardware.resolve(p, {**CPU, "memory_gb": 2.5}, model_config=SMOLLM2)
     assert small["micro_batch_size"] < 4 and small["micro_batch_size"] * small["gradient_accumulation_steps"] == 4
     model_bytes, per_token = hardware.training_bytes(SMOLLM2)
     assert 0.4e9 < model_bytes < 0.7e9 and 3e6 < per_token < 6e6
     tiny = hardware.resolve(p, {**CPU, "memory_gb": 1.0}, model_config=SMOLLM2)
     assert tiny["micro_batch_size"] == 1  # the least it can do
     assert hardware.resolve(p, {**CPU, "memory_gb": None}, model_config=SMOLLM2)["micro_batch_size"] == 4
+    # the CPU token budget: longer rows, fewer of them per pass, whatever the memory
+    assert hardware.resolve(params(batch_size=8, max_seq_length=256), {**CPU, "memory_gb": 64.0},
+                            model_config=SMOLLM2)["micro_batch_size"] == 2
     assert hardware.resolve(params(batch_size=4, micro_batch_size=4), {**CPU, "memory_gb": 1.0},
                             model_config=SMOLLM2)["micro_batch_size"] == 4  # what the user set wins
