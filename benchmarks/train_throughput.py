@@ -20,6 +20,12 @@ its own token counter (``_total_train_tokens``) read at the end of each step. Me
 RSS of the process (CPU), ``torch.cuda.max_memory_allocated`` (GPU).
 
 CPU (default): the ``scratch-llama`` shape (~1M parameters), fp32.
+Real model, CPU: ``--model-shape smollm2-135m-real``: SmolLM2-135M-Instruct with its real
+weights and tokenizer (the offline GGUF copy the ``smollm`` preset uses, dequantized once).
+There ours runs with the product's defaults (micro-batch from the CPU token budget, eager;
+``--ours-compiled`` adds the same run with ``compile: on``), TRL with ``--micro-batch-size`` and
+gradient checkpointing off and, with ``--trl-gradient-checkpointing both``, also on (TRL's
+default).
 GPU: ``--model-shape qwen2-0.5b --device cuda --dtype bf16`` (or ``llama-1b``): the real
 architecture built from its config with random weights; MFU = 6·N·tokens/s / peak FLOP/s with
 N the parameters that do matrix multiplies (all but the input embedding) and the GPU's peak
@@ -57,6 +63,22 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama-1b": dict(arch="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                      tie_word_embeddings=True, rope_theta=500000.0),
+}
+
+# Shapes whose real weights and tokenizer come from an offline file instead of a config.
+REAL_MODELS = {"smollm2-135m-real": "smollm"}
+
+# TRL's assistant_only_loss needs {% generation %} markers around assistant text; SmolLM2's own
+# template has none. The same ChatML rendering (same tokens), with the markers:
+GENERATION_TEMPLATES = {
+    "smollm": (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        "<|im_end|>\n' }}{% endif %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+        "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+        "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
 }
 
 # Peak dense bf16 tensor FLOP/s (TFLOP/s), by a substring of torch.cuda.get_device_name().
@@ -97,6 +119,30 @@ def build_base_model(out_dir: Path, shape: str, texts_file: Path, max_positions:
     return {"shape": shape, "architecture": arch, "params": total, "matmul_params": total - embedding
             + (embedding if config.tie_word_embeddings else 0), "layers": config.num_hidden_layers,
             "vocab_size": config.vocab_size, "tokenizer_size": len(tokenizer)}
+
+
+def import_real_model(out_dir: Path, preset: str, dtype: str) -> dict[str, Any]:
+    """The preset's offline GGUF dequantized into a model directory (real weights and tokenizer)."""
+    import torch
+    from transformers import AutoConfig
+
+    from chatbot_trainer import gguf_import, packaged_models
+
+    source = packaged_models.find(preset)
+    if source is None:
+        raise SystemExit(packaged_models.fetch_hint(preset))
+    if not (out_dir / "config.json").is_file():
+        gguf_import.import_gguf(source, out_dir)
+    config = AutoConfig.from_pretrained(out_dir)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    embedding = model.get_input_embeddings().weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    return {"shape": f"{source.name} (real weights)", "architecture": config.model_type, "params": total,
+            "matmul_params": total - embedding + (embedding if config.tie_word_embeddings else 0),
+            "layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
+            "tokenizer_size": len(AutoTokenizer.from_pretrained(out_dir))}
 
 
 def make_workspace(workspace: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -169,13 +215,17 @@ def run_ours(workspace: str, config: dict[str, Any], window: int, threads: int) 
         "train_tokens": result["train_tokens"],
         "fill_ratio": result["data"]["fill_ratio"],
         "attention": result["attention"],
+        "compile": result.get("compile"),
+        "micro_batch_size": result["micro_batch_size"],
+        "first_window_tokens_per_s": records[0]["tokens_per_second"] if records else None,
         "final_loss": result["final_loss"],
         "trainable_params": result["trainable_params"],
     }
 
 
 def run_trl(base_dir: str, train_file: str, config: dict[str, Any], target_modules: list[str], packing: bool,
-            window: int, threads: int, device: str, dtype: str, gradient_checkpointing: bool) -> dict[str, Any]:
+            window: int, threads: int, device: str, dtype: str, gradient_checkpointing: bool,
+            generation_template: str | None = None) -> dict[str, Any]:
     common.set_quiet_env(threads)
     import torch
 
@@ -188,6 +238,8 @@ def run_trl(base_dir: str, train_file: str, config: dict[str, Any], target_modul
     rows = [json.loads(line) for line in Path(train_file).read_text().splitlines() if line.strip()]
     dataset = Dataset.from_list(rows)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if "{% generation %}" not in (tokenizer.chat_template or ""):
+        tokenizer.chat_template = GENERATION_TEMPLATES[generation_template]
     rss_start = common.rss_now()
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, attn_implementation="sdpa")
@@ -265,7 +317,7 @@ def run_trl(base_dir: str, train_file: str, config: dict[str, Any], target_modul
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-shape", choices=sorted(SHAPES), default="scratch-llama")
+    parser.add_argument("--model-shape", choices=sorted([*SHAPES, *REAL_MODELS]), default="scratch-llama")
     parser.add_argument("--num-layers", type=int, help="override the shape's layer count (smoke tests)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: fp32 on CPU, bf16 on GPU")
@@ -279,8 +331,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 1))
     parser.add_argument("--peak-tflops", type=float, help="GPU peak dense bf16 TFLOP/s (for MFU)")
     parser.add_argument("--no-trl-packed", action="store_true", help="skip the TRL packing=True baseline")
-    parser.add_argument("--trl-gradient-checkpointing", action="store_true",
-                        help="TRL with gradient checkpointing (its default) instead of without")
+    parser.add_argument("--trl-gradient-checkpointing", choices=["off", "on", "both"], default="off",
+                        help="TRL without gradient checkpointing, with it (TRL's default), or both")
+    parser.add_argument("--ours-compiled", action="store_true",
+                        help="also run ours with compile: on (decoder layers through torch.compile)")
     parser.add_argument("--workdir", help="where data, model and workspace go (default: a temporary directory)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
     args = parser.parse_args()
@@ -295,8 +349,12 @@ def main() -> int:
     data_file = common.write_jsonl(work / "chats.jsonl", common.synthetic_conversations(
         args.conversations, seed=1, max_words=int(args.max_seq_length * 0.55)))
     base_dir = work / "base-model"
-    model_info, _ = common.run_isolated(build_base_model, base_dir, args.model_shape, data_file,
-                                        args.max_seq_length, args.num_layers, dtype)
+    real = args.model_shape in REAL_MODELS
+    if real:
+        model_info, _ = common.run_isolated(import_real_model, base_dir, REAL_MODELS[args.model_shape], dtype)
+    else:
+        model_info, _ = common.run_isolated(build_base_model, base_dir, args.model_shape, data_file,
+                                            args.max_seq_length, args.num_layers, dtype)
     steps = args.window * (args.windows + 1)
     config: dict[str, Any] = {
         "trainingData": str(data_file),
@@ -316,6 +374,8 @@ def main() -> int:
         "data": {"evalFraction": 0.05},
         "evaluation": {},
     }
+    # compiled repeats share one Inductor cache: the first one pays the cold compile
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor-cache"))
     workspace = work / "workspace"
     shutil.rmtree(workspace, ignore_errors=True)
     plan, _ = common.run_isolated(make_workspace, workspace, config)
@@ -324,21 +384,35 @@ def main() -> int:
     train_file = str(workspace / "prepare" / "train.jsonl")
     print(f"model {model_info}; {plan['train']} training conversations; plan {plan}", flush=True)
 
-    def ours(_: int) -> dict[str, Any]:
-        result, peak = common.run_isolated(run_ours, str(workspace), config, args.window, args.threads)
-        return {**result, "peak_rss": peak}
+    def ours(compile_mode: str | None):
+        ours_config = {**config, "compile": compile_mode} if compile_mode else config
+        if real:  # ours sizes its own micro-batches; TRL keeps --micro-batch-size
+            ours_config = {k: v for k, v in ours_config.items() if k != "microBatchSize"}
 
-    def trl(packing: bool):
         def side(_: int) -> dict[str, Any]:
-            result, peak = common.run_isolated(run_trl, str(base_dir), train_file, config, plan["target_modules"],
-                                               packing, args.window,
-                                               args.threads, args.device, dtype, args.trl_gradient_checkpointing)
+            result, peak = common.run_isolated(run_ours, str(workspace), ours_config, args.window, args.threads)
             return {**result, "peak_rss": peak}
         return side
 
-    sides = {"trl_padded": trl(False), "ours": ours}
-    if not args.no_trl_packed:
-        sides["trl_packed"] = trl(True)
+    def trl(packing: bool, checkpointing: bool):
+        def side(_: int) -> dict[str, Any]:
+            result, peak = common.run_isolated(run_trl, str(base_dir), train_file, config, plan["target_modules"],
+                                               packing, args.window,
+                                               args.threads, args.device, dtype, checkpointing,
+                                               REAL_MODELS.get(args.model_shape))
+            return {**result, "peak_rss": peak}
+        return side
+
+    checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.trl_gradient_checkpointing]
+    sides = {}
+    for gc in checkpointing:
+        suffix = "_gc" if gc and len(checkpointing) > 1 else ""
+        sides[f"trl_padded{suffix}"] = trl(False, gc)
+        if not args.no_trl_packed:
+            sides[f"trl_packed{suffix}"] = trl(True, gc)
+    sides["ours"] = ours(None)
+    if args.ours_compiled:
+        sides["ours_compiled"] = ours("on")
     runs = common.alternate(sides, args.repeats)
 
     summary: dict[str, dict[str, Any]] = {}
@@ -351,6 +425,7 @@ def main() -> int:
             if args.device == "cuda" else None,
             "final_loss": common.median(r["final_loss"] for r in results),
             "trainable_params": results[0]["trainable_params"],
+            "seconds_total": common.median(r["seconds_total"] for r in results),
         }
     peak_tflops = args.peak_tflops
     if args.device == "cuda" and peak_tflops is None:
@@ -364,6 +439,8 @@ def main() -> int:
     base = summary["trl_padded"]
     ratios = {f"ours_vs_{name}": common.ratio(summary["ours"]["tokens_per_s"], s["tokens_per_s"])
               for name, s in summary.items() if name != "ours"}
+    trl_sides = [name for name in summary if name.startswith("trl")]
+    best_trl = max(trl_sides, key=lambda name: summary[name]["tokens_per_s"])
     memory_key = "cuda_peak_mib" if args.device == "cuda" else "peak_rss_mib"
     memory_ratios = {f"ours_vs_{name}": common.ratio(summary["ours"][memory_key], s[memory_key])
                      for name, s in summary.items() if name != "ours"}
@@ -376,6 +453,12 @@ def main() -> int:
     print()
     for key, value in ratios.items():
         print(f"tokens/s ratio {key}: {value:.2f}x   ({memory_key} ratio {memory_ratios[key]:.2f})")
+    print(f"fastest TRL side: {best_trl}; ours vs it: {ratios[f'ours_vs_{best_trl}']:.2f}x tokens/s at "
+          f"{memory_ratios[f'ours_vs_{best_trl}']:.2f}x {memory_key}")
+    ours_runs = runs["ours"]
+    print(f"ours: micro-batch {ours_runs[0]['micro_batch_size']}, compile {ours_runs[0]['compile']}, "
+          f"first window {[r['first_window_tokens_per_s'] for r in ours_runs]} tokens/s, "
+          f"whole run {[round(r['seconds_total'], 1) for r in ours_runs]} s")
     data = {
         "benchmark": "train_throughput",
         "machine": common.machine_info(),
@@ -385,10 +468,12 @@ def main() -> int:
         "model": model_info,
         "summary": summary,
         "ratios_tokens_per_s": ratios,
+        "fastest_trl": best_trl,
         f"ratios_{memory_key}": memory_ratios,
         "runs": runs,
     }
     default = args.model_shape == "scratch-llama" and args.device == "cpu" and not args.num_layers
+
     layers = f"-{args.num_layers}layer" if args.num_layers else ""
     name = "train_throughput" + ("" if default else f"_{args.model_shape}{layers}_{args.device}")
     return common.finish(name, data, quick=args.quick, work=work, keep=bool(args.workdir))

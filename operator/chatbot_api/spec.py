@@ -180,8 +180,8 @@ class TrainingParams(ApiModel):
     )
     compile: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="torch.compile of the decoder layers; auto compiles on CPUs when the run is "
-        "long enough to repay the compile time (about a minute), eager otherwise.",
+        description="torch.compile of the decoder layers: on, off, or auto (eager: compiled LoRA "
+        "layers measured slower than eager on CPU, not yet measured on GPUs).",
     )
     seed: int = Field(42, ge=0, description="Seed for the data split and training.")
     checkpoint_every: int = Field(

@@ -172,13 +172,6 @@ def load_causal_lm(path: str, dtype=None):
 # ---------------------------------------------------------------------------- data order
 
 
-def batch_tokens_estimate(sequences, batch_size: int) -> int:
-    """Tokens an optimizer step trains on average (the sequences' mean length x batch size)."""
-    if not sequences:
-        return 0
-    return int(batch_size * sum(len(s["input_ids"]) for s in sequences) / len(sequences))
-
-
 def epoch_order(num_sequences: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled order of the sequences in one epoch (a pure function of seed and epoch)."""
     return np.random.default_rng([seed, epoch]).permutation(num_sequences)
@@ -518,9 +511,7 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         log.info("resuming from %s (step %d of %d)", path, step, params.training_steps)
         break
     metrics_log = _MetricsLog(train_dir / "metrics.jsonl", step)
-    tokens_to_train = (params.training_steps - step) * batch_tokens_estimate(sequences, params.batch_size)
-    compiled = compilation.apply(model, params.compile, device, tokens=tokens_to_train,
-                                 cache_dir=train_dir / "compile-cache")
+    compiled = compilation.apply(model, params.compile, device, cache_dir=train_dir / "compile-cache")
 
     # 6. The loop.
     batch_size, micro = params.batch_size, plan.micro_batch_size
