@@ -187,7 +187,7 @@ def deployment(training: Mapping[str, Any], spec: ChatbotTrainingSpec, config: O
             "replicas": spec.serve.replicas,
             "selector": {"matchLabels": labels},
             "template": {
-                "metadata": {"labels": labels, "annotations": {
+                "metadata": {"labels": dict(labels), "annotations": {
                     manifests.ANNOTATION_TRAINING: name,
                     "kubectl.kubernetes.io/default-container": CONTAINER}},
                 "spec": pod,
