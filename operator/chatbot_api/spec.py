@@ -27,6 +27,7 @@ from chatbot_api.corev1 import (
     ResourcesSpec,
     Toleration,
 )
+from chatbot_api.serve import SERVE_RULES, ServeSpec
 
 GROUP = "chatbot.dev"
 VERSION = "v1alpha1"
@@ -321,6 +322,9 @@ class ChatbotTrainingSpec(TrainingParams):
     suspend: bool = Field(
         False, description="Stop creating new work and suspend the running Job; false resumes."
     )
+    serve: ServeSpec = Field(
+        default_factory=ServeSpec, description="Serve the exported model once training succeeded."
+    )
 
     @model_validator(mode="after")
     def _cluster_rules(self) -> "ChatbotTrainingSpec":
@@ -363,6 +367,7 @@ CLUSTER_RULES: tuple[CrossFieldRule, ...] = (
         message="workspace.existingClaim and workspace.storageClassName are mutually exclusive",
         holds=lambda s: not (s.workspace.existing_claim and s.workspace.storage_class_name),
     ),
+    *SERVE_RULES,
 )
 
 # The operator names what it creates after the training: the Jobs <name>-<step>, whose names

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from chatbot_api.serve import ServingStatus
 from chatbot_api.spec import ApiModel, StepName
 
 Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
@@ -81,3 +82,4 @@ class ChatbotTrainingStatus(ApiModel):
     conditions: list[Condition] = Field(default_factory=list)
     metrics: Metrics | None = None
     model: ModelOutput | None = None
+    serving: ServingStatus | None = Field(None, description="The server of the model (spec.serve).")

@@ -6,12 +6,13 @@ All handlers funnel into one idempotent `Reconciler.reconcile()` (see reconciler
 - every event of a training (its creation, a spec change, the initial listing when the
   operator starts), at once: the first step's Job is created from the training's first event;
 - events of its step Jobs and Pods (label `chatbot.dev/training`), so a finished step
-  starts the next one at once;
+  starts the next one at once, and of its server's Deployment (spec.serve, serving.py);
 - a timer re-checking each unfinished training every CHATBOT_RESYNC_SECONDS.
 Events that bring nothing new to a training (e.g. its own status update) are skipped, and
 API errors are tried again with exponential backoff by the reconciler.
 
-Deletion: the ConfigMap and the Jobs (and through them the Pods) have a controller
+Deletion: the ConfigMap, the Jobs (and through them the Pods) and the server's Deployment
+and Service have a controller
 ownerReference to the training, as has the workspace claim with reclaimPolicy Delete, so
 the Kubernetes garbage collector deletes them (a Retain claim stays, an existingClaim is
 never touched). No delete handler is needed. Kopf puts the finalizer `chatbot.dev/finalizer`
@@ -55,6 +56,7 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     # Watch only the Jobs and Pods of trainings, not every Job and Pod of the cluster.
     settings.watching.label_selectors["batch/v1", "jobs"] = manifests.LABEL_TRAINING
     settings.watching.label_selectors["v1", "pods"] = manifests.LABEL_TRAINING
+    settings.watching.label_selectors["apps/v1", "deployments"] = manifests.LABEL_TRAINING
 
 
 @kopf.on.startup()
@@ -150,6 +152,13 @@ async def _child_changed(type: str, body: kopf.Body, namespace: str, memo: kopf.
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
 async def step_job_changed(type: str, body: kopf.Body, namespace: str, memo: kopf.Memo,
                            **_: Any) -> None:
+    await _child_changed(type, body, namespace, memo)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
+async def server_changed(type: str, body: kopf.Body, namespace: str, memo: kopf.Memo,
+                         **_: Any) -> None:
+    """The model's server (spec.serve): its ready pods go into status.serving."""
     await _child_changed(type, body, namespace, memo)
 
 

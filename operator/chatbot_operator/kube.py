@@ -178,6 +178,15 @@ class KubeClient:
                 return None
             raise
 
+    async def delete(self, url: str) -> dict[str, Any] | None:
+        """DELETE (background cascade); None when the object does not exist."""
+        try:
+            return await self.request("DELETE", url)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     async def patch(self, url: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """A JSON merge patch (RFC 7386)."""
         return await self.request("PATCH", url, body=dict(body), content_type=MERGE_PATCH)

@@ -17,6 +17,9 @@ What each rule is for:
 - configmaps: `<name>-config` (create, read, refresh).
 - events: Kubernetes Events on the trainings (core/v1, posted by Kopf); `list` reads the
   Job controller's FailedCreate Events of step Jobs that get no pod (quota, admission).
+- deployments (apps): the model's server (spec.serve): created, read, patched when the spec
+  changes, deleted when serving is turned off; watched (list/watch) for its ready pods.
+- services: the server's Service (create; delete when serving is turned off).
 - namespaces: Kopf lists/watches them when serving specific namespaces.
 - customresourcedefinitions: Kopf's discovery of served resources.
 - kopf.dev peerings: coordination of replicas (the active one has the highest priority);
@@ -36,6 +39,9 @@ RBAC_RULES: list[dict[str, list[str]]] = [
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "patch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"],
+     "verbs": ["create", "get", "list", "watch", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "delete"]},
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
      "verbs": ["list", "watch"]},

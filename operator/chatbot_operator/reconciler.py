@@ -28,9 +28,10 @@ from typing import Any
 
 import kopf
 
+from chatbot_api import serve as serve_api
 from chatbot_api.spec import GROUP, PLURAL, VERSION, ChatbotTrainingSpec
 
-from chatbot_operator import kube, manifests, metrics, progress
+from chatbot_operator import kube, manifests, metrics, progress, serving
 from chatbot_operator.settings import OperatorConfig
 
 logger = logging.getLogger(__name__)
@@ -281,6 +282,8 @@ class Reconciler:
                                            config=self.config, events=[]).status
             for job, suspend in plan.suspend_jobs.items():
                 seen.add([await self._set_suspended(meta["namespace"], job, suspend)])
+            if training.get("status"):
+                status = await self._serve(training, plan.spec, status, now, seen)
         except ObjectError as exc:
             if plan.create_step and exc.error.status in (400, 422):
                 status = progress.rejected(status, plan.create_step, exc.what, exc.error.message,
@@ -341,6 +344,53 @@ class Reconciler:
         except kube.ApiError as exc:
             raise ObjectError(f"ConfigMap {wanted['metadata']['name']}", exc) from exc
         return None
+
+    async def _serve(self, training: Mapping[str, Any], spec: ChatbotTrainingSpec | None,
+                     status: dict[str, Any], now: str, seen: Seen) -> dict[str, Any]:
+        """Keep the model's server as spec.serve says (serving.py); the status with
+        status.serving and the Serving condition."""
+        meta = training["metadata"]
+        wanted = serving.plan(training, spec, status, self.config)
+        if wanted is None:
+            return serving.carried_over(training, status)
+        namespace, server = meta["namespace"], serve_api.server_name(meta["name"])
+        if wanted.remove:
+            for url in (kube.path("apps", "v1", "deployments", namespace, server),
+                        core_path("services", namespace, server)):
+                try:
+                    await self.kube.delete(url)
+                except kube.ApiError as exc:
+                    raise ObjectError(url.rsplit("/", 2)[-2] + f" {server}", exc) from exc
+        found = None
+        if wanted.deployment is not None:
+            try:
+                found = await self._ensure_server(namespace, wanted)
+            except kube.ApiError as exc:
+                if exc.status not in (400, 422):
+                    raise ObjectError(f"the server {server}", exc) from exc
+                wanted = serving.ServingPlan(not_serving=(
+                    "ServerRejected", f"The API server rejected the server {server}: {exc.message}"))
+            seen.add([found] if found else [])
+        serving_status, condition = serving.serving_status(training, wanted, found)
+        return serving.with_serving(status, serving_status, condition,
+                                    (training.get("status") or {}).get("conditions"), now,
+                                    meta.get("generation"))
+
+    async def _ensure_server(self, namespace: str, wanted: serving.ServingPlan) -> dict | None:
+        """Create the server's Deployment (or patch it to the spec) and its Service."""
+        assert wanted.deployment is not None and wanted.service is not None
+        url = kube.path("apps", "v1", "deployments", namespace)
+        name = wanted.deployment["metadata"]["name"]
+        found = await self.kube.get(f"{url}/{name}")
+        if found is None:
+            found = await self.kube.create(url, wanted.deployment) or await self.kube.get(
+                f"{url}/{name}")
+        else:
+            patch = serving.deployment_patch(found, wanted.deployment)
+            if patch is not None:
+                found = await self.kube.patch(f"{url}/{name}", patch)
+        await self.kube.create(core_path("services", namespace), wanted.service)
+        return found
 
     async def _set_suspended(self, namespace: str, job: str, suspend: bool) -> dict:
         annotation = "true" if suspend else None

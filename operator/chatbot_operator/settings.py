@@ -15,6 +15,8 @@ Command-line flags of `chatbot-operator` override the environment (see `__main__
 | CHATBOT_DEFAULT_TOLERATIONS | [] | JSON list added to spec.tolerations (train/evaluate) |
 | CHATBOT_STEP_UID | 1000 | non-root uid/gid/fsGroup of the step pods |
 | CHATBOT_RESYNC_SECONDS | 60 | period of the safety re-check of each running training |
+| CHATBOT_SERVER_IMAGE | ghcr.io/ggml-org/llama.cpp:server-b8840 | llama.cpp server image of spec.serve (spec.serve.image overrides) |
+| CHATBOT_SERVER_CUDA_IMAGE | ghcr.io/ggml-org/llama.cpp:server-cuda-b8840 | the same with CUDA, for spec.serve.gpus > 0 |
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from collections.abc import Mapping
 from typing import Any
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/chatbot-training/trainer:0.1.0"
+DEFAULT_SERVER_IMAGE = "ghcr.io/ggml-org/llama.cpp:server-b8840"
+DEFAULT_SERVER_CUDA_IMAGE = "ghcr.io/ggml-org/llama.cpp:server-cuda-b8840"
 DEFAULT_PEERING_NAME = "chatbot-operator"
 DEFAULT_RESYNC_SECONDS = 60.0
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
@@ -47,6 +51,8 @@ class OperatorConfig:
     default_node_selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
     default_tolerations: tuple[Mapping[str, Any], ...] = ()
     step_uid: int = 1000
+    server_image: str = DEFAULT_SERVER_IMAGE
+    server_cuda_image: str = DEFAULT_SERVER_CUDA_IMAGE
 
     def __post_init__(self) -> None:
         if not self.trainer_image:
@@ -80,6 +86,10 @@ class OperatorConfig:
         kwargs: dict[str, Any] = {}
         if env.get("CHATBOT_TRAINER_IMAGE"):
             kwargs["trainer_image"] = env["CHATBOT_TRAINER_IMAGE"]
+        for var, key in (("CHATBOT_SERVER_IMAGE", "server_image"),
+                         ("CHATBOT_SERVER_CUDA_IMAGE", "server_cuda_image")):
+            if env.get(var, "").strip():
+                kwargs[key] = env[var].strip()
         if env.get("CHATBOT_IMAGE_PULL_POLICY"):
             kwargs["image_pull_policy"] = env["CHATBOT_IMAGE_PULL_POLICY"]
         if "CHATBOT_NAMESPACES" in env:

@@ -178,5 +178,5 @@ def test_readme_explains_every_example() -> None:
     readme = (EXAMPLES / "README.md").read_text()
     for name in ("chatbottraining.yaml", "chatbottraining-minimal.yaml", "kustomization.yaml",
                  "kubectl get chatbottrainings", "chatbot.dev/example-part=data",
-                 "helm/install.yaml"):
+                 "helm/install.yaml", "serving-networkpolicy.yaml"):
         assert name in readme, name

@@ -35,6 +35,9 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
         "tolerations": [{"key": "gpu", "operator": "Equal", "value": "a100", "effect": "NoSchedule"}],
         "runAsUser": 2000,
     },
+    "server": {"image": {"repository": "registry.example.com/ml/llama.cpp", "tag": "server-b9000"},
+               "cudaImage": {"repository": "registry.example.com/ml/llama.cpp",
+                             "tag": "server-cuda-b9000", "digest": "sha256:" + "cd" * 32}},
     "watchNamespaces": ["ml", "ml-staging"],
     "replicaCount": 2,
     "peering": {"name": "ml-bots"},
@@ -105,6 +108,7 @@ def test_helm_lint_strict_with_non_default_values(tools: Tools, tmp_path: Path) 
         ["--set", "replicas=2"],  # misspelt key: unknown keys are rejected
         ["--set", "metrics.serviceMonitor.interval=often"],
         ["--set", "resources.limits.memory=lots"],
+        ["--set", "server.image.tag="],  # the llama.cpp server image is always pinned
     ],
     ids=lambda args: args[-1],
 )
@@ -291,6 +295,8 @@ def test_deployment_env_parses_as_operator_config(
     assert config.step_uid == default.step_uid
     assert resync_seconds_from_env(env) == resync_seconds_from_env({})
     assert config.trainer_image == default.trainer_image, "chart and operator disagree on the trainer image"
+    assert (config.server_image, config.server_cuda_image) == (
+        default.server_image, default.server_cuda_image), "chart and operator disagree on the server"
     assert config.default_node_selector == {}
     assert list(config.default_tolerations) == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -305,6 +311,8 @@ def test_deployment_env_parses_as_operator_config(
     assert config.peering_name == "ml-bots" and config.peering_priority is None
     assert config.step_uid == 2000 and resync_seconds_from_env(env) == 30
     assert dict(config.default_node_selector) == trainer["nodeSelector"]
+    assert config.server_image == "registry.example.com/ml/llama.cpp:server-b9000"
+    assert config.server_cuda_image == "registry.example.com/ml/llama.cpp@sha256:" + "cd" * 32
     assert list(config.default_tolerations) == trainer["tolerations"]
 
 

@@ -59,6 +59,8 @@ BUILTIN_RESOURCES = [
     (PODS, "Pod", True, {"status"}),
     ("v1/persistentvolumeclaims", "PersistentVolumeClaim", True, {"status"}),
     ("v1/configmaps", "ConfigMap", True, set()),
+    ("apps/v1/deployments", "Deployment", True, {"status"}),
+    ("v1/services", "Service", True, {"status"}),
     ("v1/events", "Event", True, set()),
     ("kopf.dev/v1/clusterkopfpeerings", "ClusterKopfPeering", False, set()),
     ("kopf.dev/v1/kopfpeerings", "KopfPeering", True, set()),

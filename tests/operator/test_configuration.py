@@ -114,8 +114,13 @@ def test_rbac_rules_are_least_privilege():
     assert verbs[("", "persistentvolumeclaims")] == {"create"}
     assert verbs[("", "events")] == {"create", "list"}  # post ours, read FailedCreate
     assert verbs[("kopf.dev", "clusterkopfpeerings")] == {"create", "list", "watch", "patch"}
+    # The model's server (spec.serve): deleted when serving is turned off; nothing else is.
+    assert verbs[("apps", "deployments")] == {"create", "get", "list", "watch", "patch", "delete"}
+    assert verbs[("", "services")] == {"create", "delete"}
+    assert {key for key, values in verbs.items() if "delete" in values} == {
+        ("apps", "deployments"), ("", "services")}
     everything = {verb for values in verbs.values() for verb in values}
-    assert not everything & {"delete", "deletecollection", "escalate", "bind", "impersonate", "*"}
+    assert not everything & {"deletecollection", "escalate", "bind", "impersonate", "*"}
     assert not any("*" in rule["apiGroups"] or "*" in rule["resources"] for rule in rbac.RBAC_RULES)
     assert rbac.allows("batch", "jobs", "create") and not rbac.allows("batch", "jobs", "delete")
     assert not rbac.allows("", "secrets", "get")

@@ -222,7 +222,7 @@ async def test_training_runs_all_steps_to_an_exported_model(cluster: Cluster, st
     columns = {c["name"]: json_path(training, c["jsonPath"]) for c in PRINTER_COLUMNS}
     assert columns == {"Phase": "Succeeded", "Step": "export", "Loss": 0.15, "Accuracy": 0.92,
                        "Model": "pvc://models/support-bot/support-bot.q8_0.gguf",
-                       "Age": training["metadata"]["creationTimestamp"]}
+                       "Serving": None, "Age": training["metadata"]["creationTimestamp"]}
 
     # One Event per step start and success, and one for the run.
     reasons = await wait_for(lambda: (r := [e["reason"] for e in cluster.events("support-bot")])

@@ -307,6 +307,11 @@ RULE_CASES = {
     "workspace.existingClaim and workspace.storageClassName are mutually exclusive": (
         [minimal(workspace={"existingClaim": "a"}), minimal(workspace={"storageClassName": "b"})],
         minimal(workspace={"existingClaim": "a", "storageClassName": "b"})),
+    "serve.quantization must be one of export.quantizations: only exported files can be served": (
+        [minimal(serve={"enabled": True, "quantization": "q8_0"}),
+         minimal(serve={"quantization": "q4_0"}, export={"quantizations": ["q4_0"]}),
+         minimal(serve={"enabled": True})],
+        minimal(serve={"enabled": True, "quantization": "q4_0"})),
 }
 
 

@@ -2,6 +2,8 @@
 
 `chatbot-training run`: the whole pipeline locally, with the seed workflow's inputs as flags
 (`--training_data` or `--training-data`), printing the seed's output JSON.
+`chatbot-training serve MODEL.gguf` / `chat MODEL.gguf`: an OpenAI-compatible server, a
+terminal chat on an exported file (serve.py, chat.py).
 
 `chatbot-trainer <step>`: one step, as a Kubernetes Job runs it.
 """
@@ -61,11 +63,17 @@ def build_run_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="reuse finished steps and the latest checkpoint of an earlier run")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
+    from chatbot_trainer import chat, serve
+
+    serve.add_parser(sub)
+    chat.add_parser(sub)
     return parser
 
 
 def training_main(argv: list[str] | None = None) -> int:
     args = build_run_parser().parse_args(argv)
+    if getattr(args, "handler", None):  # serve, chat
+        return args.handler(args)
     try:
         data: dict[str, Any] = read_config_file(args.file) if args.file else {}
         file_name, data = split_name(data)
