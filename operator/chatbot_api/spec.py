@@ -381,7 +381,7 @@ CLUSTER_RULES: tuple[CrossFieldRule, ...] = (
         "(has(self.workspace.existingClaim) || (has(self.workspace.accessMode) && "
         "self.workspace.accessMode == 'ReadWriteMany')))",
         message="nodes > 1 needs a workspace every node can mount: set workspace.accessMode "
-        "to ReadWriteMany (with a StorageClass that provides it) or workspace.existingClaim "
+        "to ReadWriteMany, with a StorageClass that provides it, or workspace.existingClaim "
         "to a ReadWriteMany claim",
         holds=lambda s: s.nodes <= 1 or bool(s.workspace.existing_claim)
         or s.workspace.access_mode == "ReadWriteMany",

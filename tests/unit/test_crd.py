@@ -307,6 +307,11 @@ RULE_CASES = {
     "workspace.existingClaim and workspace.storageClassName are mutually exclusive": (
         [minimal(workspace={"existingClaim": "a"}), minimal(workspace={"storageClassName": "b"})],
         minimal(workspace={"existingClaim": "a", "storageClassName": "b"})),
+    "nodes > 1 needs a workspace every node can mount: set workspace.accessMode to ReadWriteMany, "
+    "with a StorageClass that provides it, or workspace.existingClaim to a ReadWriteMany claim": (
+        [minimal(nodes=2, workspace={"accessMode": "ReadWriteMany"}),
+         minimal(nodes=2, workspace={"existingClaim": "shared"}), minimal(nodes=1)],
+        minimal(nodes=2, workspace={"accessMode": "ReadWriteOnce"})),
 }
 
 
