@@ -59,6 +59,7 @@ BUILTIN_RESOURCES = [
     (PODS, "Pod", True, {"status"}),
     ("v1/persistentvolumeclaims", "PersistentVolumeClaim", True, {"status"}),
     ("v1/configmaps", "ConfigMap", True, set()),
+    ("v1/services", "Service", True, {"status"}),
     ("v1/events", "Event", True, set()),
     ("kopf.dev/v1/clusterkopfpeerings", "ClusterKopfPeering", False, set()),
     ("kopf.dev/v1/kopfpeerings", "KopfPeering", True, set()),
