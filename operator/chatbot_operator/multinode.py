@@ -118,12 +118,12 @@ def step_objects(training: Mapping[str, Any], spec: ChatbotTrainingSpec, step: s
     job = copy.deepcopy(job)
     job_name = train_job_name(meta["name"], spec, attempt)
     job["metadata"]["name"] = job_name
-    job["metadata"]["labels"][LABEL_ATTEMPT] = str(attempt)
     container = job["spec"]["template"]["spec"]["containers"][0]
     container["command"] = list(LAUNCHER)
     container["args"] = torchrun_options(spec, job_name, meta["namespace"]) + TRAIN_MODULE + container["args"]
     if spec.nodes <= 1:
         return [job]
+    job["metadata"]["labels"][LABEL_ATTEMPT] = str(attempt)
     return [headless_service(training, job_name), indexed(job, spec)]
 
 
