@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # pytest runs with --i
 
 from test_training import make_workspace, read_metrics, weights  # noqa: E402
 
-# Measured: first logged losses agree to ~1e-7 (only the order of float sums differs);
-# adapters after 12 AdamW steps to ~1e-6 (DDP) and ~1e-5 (FSDP, unfused AdamW).
+# Measured (200 steps, micro-batch 4): DDP equals one process exactly, losses and adapter;
+# FSDP (unfused AdamW, reduce-scatter sums) within 1.3e-4. Micro-batch 2 here: order may differ.
 LOSS_TOLERANCE = 1e-5
 ADAPTER_ATOL = 1e-4
 
@@ -129,10 +129,8 @@ def rank_pid(marker: str, rank: int) -> int | None:
             env = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"CHATBOT_TEST_RUN={marker}".encode() in env and f"RANK={rank}".encode() in env \
-                and b"TORCHELASTIC_RUN_ID=none" not in env[:0]:
-            if b"LOCAL_RANK=" + str(rank).encode() in env:
-                return int(entry.name)
+        if f"CHATBOT_TEST_RUN={marker}".encode() in env and f"RANK={rank}".encode() in env:
+            return int(entry.name)
     return None
 
 

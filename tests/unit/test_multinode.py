@@ -138,3 +138,9 @@ def test_world_size():
     assert multinode.world_size(spec(nodes=2, gpu={"count": 4}, workspace=SHARED)) == 8
     assert multinode.world_size(spec(gpu={"count": 0})) == 1
     assert multinode.world_size(spec(nodes=3, gpu={"count": 0}, workspace=SHARED)) == 3
+
+
+def test_the_two_node_objects_pass_the_kubernetes_schemas():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for obj in two_nodes(queueName="team-a"):
+        kubernetes_validate.validate(obj, "1.33", strict=True)
