@@ -16,6 +16,8 @@ Rules:
   message, then the Pod (OOMKilled), then the Job condition (deadline, retries). A step
   fails with the Job's terminal `Failed` condition; `FailureTarget` comes earlier, before
   the Job controller has counted every failed pod, so it only says the step is failing.
+- A failed multi-node train Job is made again, up to its backoffLimit + 1 attempts, unless
+  retrying cannot help (see multinode.py); the latest attempt is the step's Job.
 - A step that waits is explained too: its pods refused by admission (the Job's
   `FailedCreate` Events: quota, missing PriorityClass or ServiceAccount), a claim that does
   not exist, scheduling, image pulls, configuration, retries.
