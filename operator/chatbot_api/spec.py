@@ -129,6 +129,15 @@ class ExportSpec(ApiModel):
     )
 
 
+class DistributedSpec(ApiModel):
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="How several training processes share the work: ddp replicates the model "
+        "on every GPU; fsdp shards the frozen base across them (for a base that does not fit "
+        "one GPU; LoRA on a frozen base only).",
+    )
+
+
 class TrainingParams(ApiModel):
     """Everything the trainer needs. The seed workflow's inputs come first, with its defaults."""
 
@@ -196,6 +205,10 @@ class TrainingParams(ApiModel):
         default_factory=EvaluationSpec, description="Evaluation and quality thresholds."
     )
     export: ExportSpec = Field(default_factory=ExportSpec, description="GGUF export settings.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec,
+        description="Training on several GPUs (gpu.count > 1) or nodes (nodes > 1).",
+    )
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "TrainingParams":
@@ -275,6 +288,11 @@ class ChatbotTrainingSpec(TrainingParams):
     """The full spec of a ChatbotTraining resource."""
 
     gpu: GpuSpec = Field(default_factory=GpuSpec, description="GPUs for train and evaluate.")
+    nodes: int = Field(
+        1, ge=1, le=64,
+        description="Nodes the train step runs on (Kubeflow's numNodes), each with gpu.count "
+        "GPUs, as one Indexed Job; more than 1 needs a ReadWriteMany workspace.",
+    )
     resources: ResourcesSpec | None = Field(
         None, description="CPU/memory requests and limits of the step containers."
     )
@@ -368,6 +386,16 @@ CLUSTER_RULES: tuple[CrossFieldRule, ...] = (
         holds=lambda s: not (s.workspace.existing_claim and s.workspace.storage_class_name),
     ),
     *SERVE_RULES,
+    CrossFieldRule(
+        cel="!has(self.nodes) || self.nodes <= 1 || (has(self.workspace) && "
+        "(has(self.workspace.existingClaim) || (has(self.workspace.accessMode) && "
+        "self.workspace.accessMode == 'ReadWriteMany')))",
+        message="nodes > 1 needs a workspace every node can mount: set workspace.accessMode "
+        "to ReadWriteMany, with a StorageClass that provides it, or workspace.existingClaim "
+        "to a ReadWriteMany claim",
+        holds=lambda s: s.nodes <= 1 or bool(s.workspace.existing_claim)
+        or s.workspace.access_mode == "ReadWriteMany",
+    ),
 )
 
 # The operator names what it creates after the training: the Jobs <name>-<step>, whose names
@@ -394,4 +422,5 @@ IMMUTABLE_FIELDS: tuple[str, ...] = (
     "data",
     "lora",
     "workspace",
+    "distributed",
 )

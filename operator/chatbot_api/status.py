@@ -59,6 +59,8 @@ class StepStatus(ApiModel):
     start_time: str | None = None
     completion_time: str | None = None
     attempts: int | None = None
+    world_size: int | None = Field(None, description="Training processes (train step).")
+    nodes: int | None = Field(None, description="Nodes the train step runs on.")
     reason: str | None = None
     message: str | None = None
     summary: dict[str, Any] | None = Field(

@@ -388,7 +388,8 @@ def step_job(
             "parallelism": 1,
             "backoffLimit": backoff,
             "activeDeadlineSeconds": deadline,
-            "suspend": spec.suspend,
+            # Kueue admits a queued Job by unsuspending it: it is created suspended.
+            "suspend": spec.suspend or bool(spec.queue_name),
             # Replace a failed pod only once it is gone (GPUs and RWO volumes are exclusive).
             "podReplacementPolicy": "Failed",
             "podFailurePolicy": {

@@ -16,6 +16,8 @@ Rules:
   message, then the Pod (OOMKilled), then the Job condition (deadline, retries). A step
   fails with the Job's terminal `Failed` condition; `FailureTarget` comes earlier, before
   the Job controller has counted every failed pod, so it only says the step is failing.
+- A failed multi-node train Job is made again, up to its backoffLimit + 1 attempts, unless
+  retrying cannot help (see multinode.py); the latest attempt is the step's Job.
 - A step that waits is explained too: its pods refused by admission (the Job's
   `FailedCreate` Events: quota, missing PriorityClass or ServiceAccount), a claim that does
   not exist, scheduling, image pulls, configuration, retries.
@@ -36,7 +38,7 @@ import pydantic
 from chatbot_api.spec import NAME_RULE, STEPS, ChatbotTrainingSpec
 from chatbot_api.status import ChatbotTrainingStatus
 
-from chatbot_operator import manifests
+from chatbot_operator import manifests, multinode
 from chatbot_operator.settings import OperatorConfig
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -219,6 +221,8 @@ class StepState:
     message: str | None = None
     summary: dict[str, Any] | None = None
     started: bool = False  # a pod of this step has run
+    world_size: int | None = None  # train: processes (torchrun)
+    nodes: int | None = None
 
     @property
     def suspended(self) -> bool:
@@ -239,6 +243,8 @@ class StepState:
             "reason": self.reason,
             "message": self.message,
             "summary": self.summary,
+            "worldSize": self.world_size,
+            "nodes": self.nodes,
         }
         return {key: value for key, value in data.items() if value is not None}
 
@@ -724,6 +730,8 @@ class Plan:
     # The current step's Job has no pod yet: its FailedCreate Events would tell why (when
     # plan() was called without events, read them and plan again).
     events_of_job: Mapping[str, Any] | None = None
+    attempt: int = 1  # of the Job to create (a multi-node train Job made again after a failure)
+    retry_message: str | None = None  # why that Job is made again
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str | None) -> bool:
@@ -813,13 +821,23 @@ def plan(
     foreign: dict[str, Mapping[str, Any]] = {}
     for job in jobs:
         step = _get(job, "metadata", "labels", manifests.LABEL_STEP)
-        if step not in STEPS or _get(job, "metadata", "name") != manifests.job_name(name, step):
+        if step not in STEPS or not multinode.matches_step_job(name, step, job):
             continue
-        (step_jobs if _owned_by(job, uid) else foreign)[step] = job
+        jobs_of_step = step_jobs if _owned_by(job, uid) else foreign
+        if multinode.attempt_of(job) >= multinode.attempt_of(jobs_of_step.get(step)):
+            jobs_of_step[step] = job  # the latest attempt
 
     states = {step: observe_step(step, step_jobs.get(step), pods, spec, old_steps.get(step))
               for step in STEPS}
+    multinode.describe(states["train"], spec)
     result = Plan(status={}, spec=spec, states=states)
+    retry = multinode.next_attempt(name, spec, states["train"])
+    if retry is not None:  # a failed multi-node attempt: the train Job is made again
+        states["train"] = StepState(
+            step="train", job_name=retry.job_name, attempts=retry.attempt, started=True,
+            start_time=states["train"].start_time, world_size=states["train"].world_size,
+            nodes=states["train"].nodes, reason="StepRetrying", message=retry.message)
+        result.attempt, result.retry_message = retry.attempt, retry.message
 
     failed = next((states[s] for s in STEPS if states[s].phase == "Failed"), None)
     current = next((states[s] for s in STEPS if states[s].phase != "Succeeded"), None)
@@ -859,12 +877,13 @@ def plan(
 
     if current.job is None:
         result.create_step = step
-        current.job_name = manifests.job_name(name, step)
+        current.job_name = multinode.job_name_for(name, spec, step, result.attempt)
         current.phase = "Pending"
         current.start_time = current.start_time or now
         phase = "Running" if any_started else "Pending"
-        result.status = finish(phase, step, "StepStarting",
-                               f"Starting step {step} (Job {current.job_name})", states, spec)
+        result.status = finish(phase, step, "StepRetrying" if result.retry_message else "StepStarting",
+                               result.retry_message or f"Starting step {step} (Job {current.job_name})",
+                               states, spec)
         return result
 
     if current.suspended and current.suspended_by_operator:

@@ -15,6 +15,8 @@ What each rule is for:
   scheduling).
 - persistentvolumeclaims: the workspace claim (create only; never deleted by the operator).
 - configmaps: `<name>-config` (create, read, refresh).
+- services: the headless Service of a multi-node train Job (create only; owned by the
+  training, so the garbage collector deletes it).
 - events: Kubernetes Events on the trainings (core/v1, posted by Kopf); `list` reads the
   Job controller's FailedCreate Events of step Jobs that get no pod (quota, admission).
 - deployments (apps): the model's server (spec.serve): created, read, patched when the spec
@@ -38,6 +40,7 @@ RBAC_RULES: list[dict[str, list[str]]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "patch"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},
     {"apiGroups": ["apps"], "resources": ["deployments"],
      "verbs": ["create", "get", "list", "watch", "patch", "delete"]},

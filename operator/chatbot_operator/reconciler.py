@@ -31,7 +31,7 @@ import kopf
 from chatbot_api import serve as serve_api
 from chatbot_api.spec import GROUP, PLURAL, VERSION, ChatbotTrainingSpec
 
-from chatbot_operator import kube, manifests, metrics, progress, serving
+from chatbot_operator import kube, manifests, metrics, multinode, progress, serving
 from chatbot_operator.settings import OperatorConfig
 
 logger = logging.getLogger(__name__)
@@ -272,7 +272,8 @@ class Reconciler:
         failure: kube.ApiError | None = None
         try:
             if plan.create_step and plan.spec is not None:
-                created = await self._start_step(training, plan.spec, plan.create_step)
+                created = await self._start_step(training, plan.spec, plan.create_step,
+                                                 plan.attempt, plan.retry_message)
                 seen.add(created)
                 new_jobs = [obj for obj in created if obj.get("kind") == "Job"]
                 if new_job_required and not new_jobs:
@@ -309,21 +310,24 @@ class Reconciler:
             raise ObjectError(what, exc) from exc
 
     async def _start_step(self, training: Mapping[str, Any], spec: ChatbotTrainingSpec,
-                          step: str) -> list[dict]:
-        """Create what the step needs (claim and ConfigMap together), then its Job; returns
-        what was created."""
+                          step: str, attempt: int = 1, retry_message: str | None = None) -> list[dict]:
+        """Create what the step needs (claim, ConfigMap, a multi-node train step's Service
+        together), then its Job; returns what was created."""
         namespace = training["metadata"]["namespace"]
         pvc = manifests.workspace_pvc(training, spec)
+        *companions, job = multinode.step_objects(training, spec, step, self.config, attempt)
         needs = [self._ensure_config_map(training, spec)]
         if pvc is not None:
             needs.append(self._create(namespace, "persistentvolumeclaims", pvc))
+        needs += [self._create(namespace, "services", obj) for obj in companions]
         results = await asyncio.gather(*needs, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        job = manifests.step_job(training, spec, step, self.config)
         created = await self._create(namespace, "jobs", job)
         if created is not None:
+            if retry_message:
+                kopf.warn(training, reason="StepRetrying", message=retry_message)
             kopf.info(training, reason="StepStarted",
                       message=f"Started step {step}: Job {job['metadata']['name']}")
         return [obj for obj in results if isinstance(obj, dict)] + ([created] if created else [])

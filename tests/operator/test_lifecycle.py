@@ -108,8 +108,12 @@ def check_common_job(job: dict, training: dict, step: str) -> None:
     c = container(job)
     assert c["name"] == "trainer"
     assert c["image"] == "registry.example/chatbot-trainer:test"
-    assert c["args"][:5] == [step, "--workspace", "/workspace", "--config",
-                             "/etc/chatbot/config.json"]
+    args = c["args"]
+    if step == "train":  # gpu.count 2: torchrun, one training process per GPU
+        assert c["command"] == ["python", "-m", "chatbot_trainer.launch"]
+        assert args[:4] == ["--standalone", "--nproc-per-node=2", "-m", "chatbot_trainer.cli"]
+        args = args[4:]
+    assert args[:5] == [step, "--workspace", "/workspace", "--config", "/etc/chatbot/config.json"]
     assert c["securityContext"] == {"allowPrivilegeEscalation": False,
                                     "capabilities": {"drop": ["ALL"]},
                                     "readOnlyRootFilesystem": True, "runAsNonRoot": True}

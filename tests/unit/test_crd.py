@@ -312,6 +312,11 @@ RULE_CASES = {
          minimal(serve={"quantization": "q4_0"}, export={"quantizations": ["q4_0"]}),
          minimal(serve={"enabled": True})],
         minimal(serve={"enabled": True, "quantization": "q4_0"})),
+    "nodes > 1 needs a workspace every node can mount: set workspace.accessMode to ReadWriteMany, "
+    "with a StorageClass that provides it, or workspace.existingClaim to a ReadWriteMany claim": (
+        [minimal(nodes=2, workspace={"accessMode": "ReadWriteMany"}),
+         minimal(nodes=2, workspace={"existingClaim": "shared"}), minimal(nodes=1)],
+        minimal(nodes=2, workspace={"accessMode": "ReadWriteOnce"})),
 }
 
 

@@ -62,6 +62,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     run.add_argument("--workspace", help="step workspace (default: OUTPUT/workspace)")
     run.add_argument("--resume", action="store_true",
                      help="reuse finished steps and the latest checkpoint of an earlier run")
+    run.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc_per_node", type=int, default=1,
+                     metavar="N", help="train on N processes with torchrun (gloo on a CPU, NCCL on "
+                     "GPUs); the other steps run in this process (default: 1)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
     from chatbot_trainer import chat, serve
 
@@ -97,6 +100,7 @@ def training_main(argv: list[str] | None = None) -> int:
             params, name=name, output_dir=Path(args.output),
             workspace=Path(args.workspace) if args.workspace else None, resume=args.resume,
             show_progress=not args.quiet and sys.stderr.isatty(), log=log,
+            nproc_per_node=args.nproc_per_node,
         )
     except StepError as exc:
         return _fail(exc)

@@ -12,10 +12,10 @@ emulated and slower. The decision and its reason are in every train result.
 
 Micro-batch: a token budget per micro-batch, larger batches run as gradient accumulation. On a
 GPU, a budget that fits one data-centre GPU; on a CPU, a small one (a CPU is as fast per token
-on 512-token micro-batches as on larger ones, and peak memory falls with the micro-batch:
-SmolLM2-135M compiled, 1 x 256 tokens 1.7 GB vs 4 x 256 tokens 3.3 GB), further bounded by
-what fits in the memory this process may use (the cgroup limit or MemAvailable), estimated
-from the model's shape, so a local run fits the machine it runs on.
+on 512-token micro-batches as on larger ones, and peak memory falls with the micro-batch), further
+bounded by what fits in the memory this process may use (the cgroup limit or MemAvailable,
+shared by the training processes of the node), estimated from the model's shape, so a local run
+fits the machine it runs on.
 """
 
 from __future__ import annotations
@@ -158,13 +158,24 @@ def model_config_of(path: str | None) -> dict[str, Any] | None:
     return json.loads((Path(path) / "config.json").read_text())
 
 
-def resolve(params, hardware: dict[str, Any] | None = None, model_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The hardware-dependent settings for this node (`model_config` sizes CPU micro-batches)."""
+def resolve(params, hardware: dict[str, Any] | None = None, model_config: dict[str, Any] | None = None,
+            *, world_size: int = 1, processes_per_node: int = 1) -> dict[str, Any]:
+    """The hardware-dependent settings for this node (`model_config` sizes CPU micro-batches).
+
+    With several training processes each takes batchSize / world_size sequences of every
+    step, and on a CPU the processes of a node share its memory.
+    """
     hardware = hardware or detect()
     memory_gb = hardware.get("memory_gb")
-    micro = choose_micro_batch(params.batch_size, params.micro_batch_size, params.max_seq_length,
-                               hardware["device"], model_config,
-                               int(memory_gb * 2**30) if memory_gb and hardware["device"] == "cpu" else None)
+    batch = params.batch_size // world_size
+    memory = int(memory_gb * 2**30 / processes_per_node) if memory_gb and hardware["device"] == "cpu" else None
+    micro = choose_micro_batch(batch, params.micro_batch_size, params.max_seq_length,
+                               hardware["device"], model_config, memory)
+    if batch % micro:
+        raise InvalidConfig(
+            f"microBatchSize {micro} does not divide the {batch} sequences each of the "
+            f"{world_size} training processes takes from batchSize {params.batch_size}: "
+            f"choose a divisor of {batch}")
     precision = choose_precision(params.precision, hardware)
     return {
         "hardware": hardware,
@@ -172,5 +183,5 @@ def resolve(params, hardware: dict[str, Any] | None = None, model_config: dict[s
         "precision": precision,
         "precision_reason": precision_reason(params.precision, precision, hardware),
         "micro_batch_size": micro,
-        "gradient_accumulation_steps": params.batch_size // micro,
+        "gradient_accumulation_steps": batch // micro,
     }

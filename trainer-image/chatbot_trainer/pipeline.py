@@ -73,6 +73,7 @@ def run_pipeline(
     workspace: Path | None = None,
     resume: bool = False,
     show_progress: bool = False,
+    nproc_per_node: int = 1,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     output_dir = output_dir.resolve()
@@ -93,7 +94,13 @@ def run_pipeline(
                 log(f"[{step}] already done, skipped (--resume)")
                 continue
             log(f"[{step}] running")
-            results[step] = run_step(step, ctx, termination_log=str(ctx.step_dir(step) / "termination-message.json"))
+            termination_log = str(ctx.step_dir(step) / "termination-message.json")
+            if step == "train" and nproc_per_node > 1:  # torchrun: one process per rank
+                from chatbot_trainer.launch import run_train_step
+
+                results[step] = run_train_step(ctx, nproc_per_node, termination_log)
+            else:
+                results[step] = run_step(step, ctx, termination_log=termination_log)
             log(f"[{step}] done in {results[step]['seconds']:.1f}s: {_one_line(results[step].get('summary', {}))}")
     except StepError as exc:
         exc.message += f" ({output_dir} holds no result.json from this run" + (

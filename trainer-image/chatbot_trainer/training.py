@@ -13,6 +13,9 @@ Reads top to bottom like the loop it runs:
    ``log_every`` steps to ``train/metrics.jsonl``; checkpoint every ``checkpoint_every``;
 7. save ``train/adapter/`` (and ``train/base/`` when base weights changed or tokens were added).
 
+Started by torchrun, the same loop runs on every rank; what differs (the rank's shard of each
+batch, DDP/FSDP, sums over ranks, rank 0 writing) is in ``chatbot_trainer.distributed``.
+
 The host only waits for the device at log and checkpoint steps (``.item()`` nowhere else).
 """
 
@@ -34,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from chatbot_trainer import compilation, hardware
+from chatbot_trainer import compilation, distributed, hardware
 from chatbot_trainer.errors import InvalidConfig, InvalidData, ModelNotFound, TrainingDiverged
 from chatbot_trainer.evaluation import token_loss_sums
 from chatbot_trainer.packing import (
@@ -100,13 +103,16 @@ class TrainPlan:
     train_base_weights: bool
 
     @classmethod
-    def from_configure(cls, configure: dict[str, Any], params) -> "TrainPlan":
+    def from_configure(cls, configure: dict[str, Any], params,
+                       ranks: distributed.Ranks = distributed.Ranks()) -> "TrainPlan":
         base = configure.get("base_model") or {}
         path = configure.get("base_model_path") or base.get("name_or_path")
         if not path:
             raise InvalidConfig("configure/result.json has no base_model_path: run the configure step again")
         # this node's GPU (or CPU and memory), not the one configure ran on
-        node = hardware.resolve(params, model_config=hardware.model_config_of(str(path)))
+        distributed.per_rank_batch(params.batch_size, ranks)
+        node = hardware.resolve(params, model_config=hardware.model_config_of(str(path)),
+                                world_size=ranks.world_size, processes_per_node=ranks.local_world_size)
         warmup = configure.get("warmup_steps")
         if warmup is None:
             warmup = params.warmup_steps if params.warmup_steps is not None else math.ceil(0.03 * params.training_steps)
@@ -243,19 +249,25 @@ def _set_rng_state(tensors: dict[str, Any], plain: dict[str, Any]) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, scaler, state: dict[str, Any]) -> Path:
-    """Write checkpoint-<step> atomically (temporary directory, then rename); keep the last 2."""
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, scaler, state: dict[str, Any],
+                    ranks: distributed.Ranks = distributed.Ranks()) -> Path:
+    """Write checkpoint-<step> atomically (temporary directory, then rename); keep the last 2.
+    Full tensors, written by rank 0 alone (every rank takes part in gathering them)."""
     import torch
     from safetensors.torch import save_file
 
-    root.mkdir(parents=True, exist_ok=True)
+    trainable = distributed.full_trainable_state(model)
+    optimizer_state = distributed.full_optimizer_state(optimizer)
     final = root / f"checkpoint-{step}"
+    if not ranks.is_main:
+        distributed.barrier(ranks)
+        return final
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-checkpoint-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
@@ -267,6 +279,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, scaler, 
     os.rename(tmp, final)
     for _, old in complete_checkpoints(root)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier(ranks)
     return final
 
 
@@ -274,15 +287,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> dict[str
     import torch
     from safetensors.torch import load_file
 
-    saved = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks trainable weights such as {missing[0]}")
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    distributed.load_trainable(model, load_file(str(path / "trainable.safetensors")))
+    distributed.load_optimizer_state(
+        optimizer, torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     if scaler is not None and (path / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
@@ -337,7 +344,7 @@ def _autocast(device: str, precision: str):
     return nullcontext()
 
 
-def _make_optimizer(params_with_names, lr: float, weight_decay: float, device: str):
+def _make_optimizer(params_with_names, lr: float, weight_decay: float, device: str, fused: bool = True):
     import torch
 
     decay = [p for n, p in params_with_names if p.ndim >= 2]
@@ -348,7 +355,7 @@ def _make_optimizer(params_with_names, lr: float, weight_decay: float, device: s
     ]
     groups = [g for g in groups if g["params"]]
     try:
-        return torch.optim.AdamW(groups, lr=lr, fused=device in ("cuda", "cpu"))
+        return torch.optim.AdamW(groups, lr=lr, fused=fused and device in ("cuda", "cpu"))
     except (RuntimeError, ValueError):
         return torch.optim.AdamW(groups, lr=lr)
 
@@ -362,8 +369,9 @@ def _scheduler_name(name: str, warmup: int) -> str:
 class _MetricsLog:
     """train/metrics.jsonl: one JSON line per logged step (lines past a resumed step dropped)."""
 
-    def __init__(self, path: Path, resume_step: int):
+    def __init__(self, path: Path, resume_step: int, write: bool = True):
         self.path = path
+        self.writes = write
         kept: list[str] = []
         if resume_step and path.is_file():
             for line in path.read_text().splitlines():
@@ -372,11 +380,14 @@ class _MetricsLog:
                         kept.append(line)
                 except json.JSONDecodeError:
                     continue
-        path.write_text("".join(line + "\n" for line in kept))
+        if write:
+            path.write_text("".join(line + "\n" for line in kept))
         self.records = [json.loads(line) for line in kept]
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.writes:
+            return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -415,10 +426,13 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         hf_logging.disable_progress_bar()  # no weight-loading bars in Job logs
     checkpoint_root = train_dir / "checkpoints"
 
-    # 1. The plan configure made, with device, precision and micro-batch for this node.
+    # 1. The plan configure made, with device, precision and micro-batch for this node;
+    #    this process's place among the training processes (torchrun), if there are several.
     configure = ctx.read_result("configure")
-    plan = TrainPlan.from_configure(configure, params)
+    ranks = distributed.ranks_from_env(strategy=params.distributed.strategy)
+    plan = TrainPlan.from_configure(configure, params, ranks)
     device = plan.device
+    distributed.start(ranks, device)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -479,13 +493,18 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
     if plan.train_base_weights:
         for param in model.parameters():
             param.requires_grad_(True)
+    distributed.check_supported(ranks, only_lora)
+    # What the loop calls: the loss of a micro-batch, through DDP or FSDP with several ranks.
+    forward_loss = distributed.wrap(
+        model, ranks, device, lambda m, batch: token_loss_sums(m, batch, attention_mode=attention_mode))
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     trainable_params = sum(p.numel() for _, p in trainable)
     total_params = sum(p.numel() for p in model.parameters())
     model.train()
 
     # 5. Optimizer, schedule, resume.
-    optimizer = _make_optimizer(trainable, params.learning_rate, params.weight_decay, device)
+    optimizer = _make_optimizer(trainable, params.learning_rate, params.weight_decay, device,
+                                fused=distributed.fused_optimizer_allowed(ranks))
     scheduler = get_scheduler(
         _scheduler_name(params.lr_scheduler, plan.warmup_steps),
         optimizer,
@@ -510,7 +529,7 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         window_state = state.get("window")
         log.info("resuming from %s (step %d of %d)", path, step, params.training_steps)
         break
-    metrics_log = _MetricsLog(train_dir / "metrics.jsonl", step)
+    metrics_log = _MetricsLog(train_dir / "metrics.jsonl", step, write=ranks.is_main)
     compiled = compilation.apply(model, params.compile, device, cache_dir=train_dir / "compile-cache")
 
     # 6. The loop.
@@ -519,38 +538,41 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
     pin = device == "cuda"
     window_loss = torch.zeros((), dtype=torch.float64, device=device)
     window_label_tokens = window_tokens = 0
-    if window_state:  # a log window that a checkpoint cut in two goes on
-        window_loss += window_state[0]
+    if window_state:  # a log window that a checkpoint cut in two goes on (summed once)
+        window_loss += distributed.main_share(ranks, window_state[0])
         window_label_tokens, window_tokens = int(window_state[1]), int(window_state[2])
     run_tokens = 0
     grad_norm = None
     from tqdm.auto import tqdm
 
     progress = tqdm(
-        total=params.training_steps, initial=step, disable=not ctx.show_progress, desc="train", unit="step"
+        total=params.training_steps, initial=step, disable=not (ctx.show_progress and ranks.is_main),
+        desc="train", unit="step"
     )
     started = window_started = time.perf_counter()
     start_step = step
     while step < params.training_steps:
         indices = sequence_indices(consumed, batch_size, len(sequences), params.seed)
         consumed += batch_size
+        indices = distributed.shard(indices, ranks)  # this rank's share of the global batch
         batches = [
             collate([sequences[i] for i in indices[j : j + micro]], pad_token_id=pad_id, packed=params.packing)
-            for j in range(0, batch_size, micro)
+            for j in range(0, len(indices), micro)
         ]
-        step_label_tokens = sum(b.num_label_tokens for b in batches)
-        for batch in batches:
-            if batch.num_label_tokens == 0:
-                continue
+        step_label_tokens, step_tokens = distributed.global_counts(
+            ranks, sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches))
+        to_run = distributed.micro_batches_to_run(batches, ranks)
+        for number, batch in enumerate(to_run, 1):
             if pin:
                 batch = batch.pin_memory()
             batch = batch.to(device, non_blocking=True)
-            with _autocast(device, plan.precision):
-                loss_sum = token_loss_sums(model, batch, attention_mode=attention_mode)
-            loss = loss_sum / step_label_tokens
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            with distributed.gradient_sync(forward_loss, ranks, last=number == len(to_run)):
+                with _autocast(device, plan.precision):
+                    loss_sum = forward_loss(batch)
+                # × world size: the ranks' gradients are averaged, the tokens counted globally
+                loss = loss_sum * ranks.world_size / max(step_label_tokens, 1)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
             window_loss += loss_sum.detach().double()
-        step_tokens = sum(b.num_tokens for b in batches)
         window_label_tokens += step_label_tokens
         window_tokens += step_tokens
         run_tokens += step_tokens
@@ -572,15 +594,15 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
 
         if step == 1 or step % params.log_every == 0 or step == params.training_steps:
             now = time.perf_counter()
-            loss_value = window_loss.item() / max(window_label_tokens, 1)
-            check_finite(step, loss_value, float(grad_norm), metrics_log.records, params)
+            loss_value = distributed.sum_over_ranks(ranks, window_loss) / max(window_label_tokens, 1)
+            check_finite(step, loss_value, distributed.as_float(grad_norm), metrics_log.records, params)
             if initial_loss is None:
                 initial_loss = loss_value
             record = {
                 "step": step,
                 "loss": round(loss_value, 6),
                 "lr": lr,
-                "grad_norm": round(float(grad_norm), 6),
+                "grad_norm": round(distributed.as_float(grad_norm), 6),
                 "tokens_per_second": round(window_tokens / max(now - window_started, 1e-9), 1),
                 "epoch": round(consumed / len(sequences), 3),
             }
@@ -594,7 +616,8 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
 
         if step % params.checkpoint_every == 0 or step == params.training_steps:
             # never checkpoint a diverged state: a resumed run would start from it
-            check_finite(step, window_loss.item(), float(grad_norm), metrics_log.records, params)
+            window_total = distributed.sum_over_ranks(ranks, window_loss)
+            check_finite(step, window_total, distributed.as_float(grad_norm), metrics_log.records, params)
             save_checkpoint(
                 checkpoint_root,
                 step,
@@ -608,8 +631,9 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
                     "train_tokens": train_tokens,
                     "initial_loss": initial_loss,
                     "training_steps": params.training_steps,
-                    "window": [window_loss.item(), window_label_tokens, window_tokens],
+                    "window": [window_total, window_label_tokens, window_tokens],
                 },
+                ranks,
             )
         if stop_at_step is not None and step >= stop_at_step and step < params.training_steps:
             progress.close()
@@ -619,21 +643,15 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
     restore_attention(model)
     final_loss = metrics_log.records[-1]["loss"] if metrics_log.records else None
 
-    # 7. Save the adapter, and the base when it changed (trained weights, added tokens).
+    # 7. Save the adapter, and the base when it changed (trained weights, added tokens):
+    #    rank 0 alone, with the full weights (FSDP gathers its shards from every rank).
     adapter_dir = train_dir / "adapter"
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    # The resized embedding matrix goes to train/base below, not into the adapter.
-    model.save_pretrained(adapter_dir, save_embedding_layers=False if added_tokens else "auto")
-    tokenizer.save_pretrained(adapter_dir)
-    base_for_adapter = plan.base_model_path
-    if plan.train_base_weights or added_tokens:
-        base_dir = train_dir / "base"
-        shutil.rmtree(base_dir, ignore_errors=True)
-        base_model = model.unload()  # the base weights as trained, without the LoRA layers
-        base_model.config.use_cache = True
-        base_model.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
-        base_for_adapter = str(base_dir)
+    base_dir = train_dir / "base" if plan.train_base_weights or added_tokens else None
+    adapter_weights = distributed.full_trainable_state(model) if ranks.strategy == "fsdp" else None
+    if ranks.is_main:
+        _save_trained(model, tokenizer, adapter_dir, base_dir, added_tokens, adapter_weights)
+    distributed.finish(ranks)
+    base_for_adapter = str(base_dir) if base_dir else plan.base_model_path
 
     tokens_per_second = run_tokens / seconds if step > start_step and seconds > 0 else 0.0
     return {
@@ -659,7 +677,8 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         "precision": plan.precision,
         "precision_reason": plan.precision_reason,
         "micro_batch_size": micro,
-        "gradient_accumulation_steps": math.ceil(batch_size / micro),
+        "gradient_accumulation_steps": math.ceil(batch_size / ranks.world_size / micro),
+        "distributed": ranks.describe(),
         "attention": attention_mode if params.packing else "causal (padded)",
         "compile": compiled,
         "lora": {"rank": params.lora.rank, "alpha": params.lora.alpha, "dropout": params.lora.dropout,
@@ -672,6 +691,21 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
             "tokens_per_second": round(tokens_per_second, 1),
         },
     }
+
+
+def _save_trained(model, tokenizer, adapter_dir: Path, base_dir: Path | None, added_tokens,
+                  adapter_weights: dict[str, Any] | None) -> None:
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    # The resized embedding matrix goes to train/base below, not into the adapter.
+    model.save_pretrained(adapter_dir, save_embedding_layers=False if added_tokens else "auto",
+                          state_dict=adapter_weights)
+    tokenizer.save_pretrained(adapter_dir)
+    if base_dir is not None:
+        shutil.rmtree(base_dir, ignore_errors=True)
+        base_model = model.unload()  # the base weights as trained, without the LoRA layers
+        base_model.config.use_cache = True
+        base_model.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
 
 
 # ---------------------------------------------------------------------------- reloading

@@ -11,13 +11,16 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from chatbot_api.spec import STEPS
 
+from chatbot_trainer.distributed import is_main_process
 from chatbot_trainer.errors import OutOfMemory, StepError
-from chatbot_trainer.workspace import StepContext, write_termination_message
+from chatbot_trainer.workspace import TERMINATION_LOG_DEFAULT, StepContext, write_termination_message
 
 log = logging.getLogger("chatbot_trainer.steps")
 
@@ -27,6 +30,19 @@ def _is_out_of_memory(exc: BaseException) -> bool:
         return True
     name = type(exc).__name__
     return name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+def _report_failure(termination_log: str | None, payload: dict[str, Any]) -> None:
+    """The termination message of a failed step. Of several training processes the first
+    failure is kept: the others usually fail because of it (a peer went away)."""
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        path = termination_log or os.environ.get("CHATBOT_TERMINATION_LOG") or TERMINATION_LOG_DEFAULT
+        try:
+            if '"ok":false' in Path(path).read_text():
+                return
+        except OSError:
+            pass
+    write_termination_message(termination_log, payload)
 
 
 def run_step(step: str, ctx: StepContext, termination_log: str | None = None) -> dict[str, Any]:
@@ -49,17 +65,19 @@ def run_step(step: str, ctx: StepContext, termination_log: str | None = None) ->
                 ) from exc
             raise
     except StepError as exc:
-        write_termination_message(
+        _report_failure(
             termination_log, {"step": step, "ok": False, "reason": exc.reason, "message": exc.message}
         )
         raise
     except Exception as exc:
-        write_termination_message(
+        _report_failure(
             termination_log,
             {"step": step, "ok": False, "reason": "StepFailed", "message": f"{type(exc).__name__}: {exc}"},
         )
         raise
     result = {"step": step, **result, "seconds": round(time.time() - started, 3)}
+    if not is_main_process():  # one of several training processes: rank 0 reports
+        return result
     log.info("%s: done in %.1f s: %s", step, result["seconds"],
              json.dumps(result.get("summary", {}), default=str)[:1000])
     ctx.write_result(step, result)
