@@ -619,8 +619,8 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
             monitor.close()
             return {"completed": False, "step": step, "resumed_from": resumed_from}
     progress.close()
-    monitor.close()
     seconds = time.perf_counter() - started
+    monitor.close()
     restore_attention(model)
     final_loss = metrics_log.records[-1]["loss"] if metrics_log.records else None
 
