@@ -225,3 +225,11 @@ def test_loss_curve_marks_base_and_fine_tuned_eval_loss(tmp_path):
     assert is_red.sum() > 20
     plain_red = imread(plain)[..., :3]
     assert ((abs(plain_red[..., 0] - 0.839) < 0.05) & (plain_red[..., 1] < 0.3) & (plain_red[..., 2] < 0.3)).sum() == 0
+
+
+def test_the_local_summary_names_the_loss_curve():
+    from chatbot_trainer.pipeline import summary_text
+
+    details = {"base_model": "tiny-gpt", "metrics": {"loss": 1.0, "accuracy": 0.5, "perplexity": 2.7},
+               "model": {"path": "/out/bot.f16.gguf", "size_mb": 1.5}, "loss_curve": "/out/loss.png"}
+    assert "loss curve: /out/loss.png" in summary_text(details).splitlines()
