@@ -29,6 +29,7 @@ TRAIN_TAGS = {  # TensorBoard tag: key of a train/metrics.jsonl record
     "train/tokens_per_second": "tokens_per_second",
 }
 EVAL_TAGS = {"eval/loss": "loss", "eval/accuracy": "accuracy", "eval/perplexity": "perplexity"}
+FLUSH_SECONDS = 10  # the writer's thread flushes the file this often (a killed pod loses less)
 
 
 def tensorboard_dir(workspace: Path) -> Path:
@@ -45,7 +46,8 @@ class _Scalars:
 
             log_dir.mkdir(parents=True, exist_ok=True)
             # purge_step: TensorBoard drops what an interrupted run logged after the resume point
-            self.writer = SummaryWriter(logdir=str(log_dir), purge_step=purge_step or None)
+            self.writer = SummaryWriter(logdir=str(log_dir), purge_step=purge_step or None,
+                                        flush_secs=FLUSH_SECONDS)
         except Exception as exc:  # noqa: BLE001 - reporting must not stop the work
             log.warning("no TensorBoard logs (%s: %s)", type(exc).__name__, exc)
 
@@ -56,7 +58,6 @@ class _Scalars:
             for tag, value in values.items():
                 if value is not None:
                     self.writer.add_scalar(tag, float(value), step)
-            self.writer.flush()  # once per window: a killed pod loses nothing written so far
         except Exception as exc:  # noqa: BLE001
             log.warning("TensorBoard logging stopped (%s: %s)", type(exc).__name__, exc)
             self.close()
