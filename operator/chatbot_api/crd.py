@@ -132,6 +132,10 @@ def status_schema() -> dict[str, Any]:
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Step", "type": "string", "jsonPath": ".status.step"},
+    {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent",
+     "description": "Percent of the running train or evaluate step done."},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta",
+     "description": "Estimated time until the running step's loop ends."},
     {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.loss"},
     {"name": "Accuracy", "type": "number", "jsonPath": ".status.metrics.accuracy"},
     {"name": "Model", "type": "string", "jsonPath": ".status.model.path", "priority": 1},

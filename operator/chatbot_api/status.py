@@ -53,6 +53,26 @@ class ModelOutput(ApiModel):
     modelfile: str | None = Field(None, description="Location of the Ollama Modelfile.")
 
 
+class LiveProgress(ApiModel):
+    """What the running train or evaluate step reports about itself (polled by the operator at
+    most every CHATBOT_PROGRESS_SECONDS); removed when the step ends or its report goes stale."""
+
+    step: StepName = Field(..., description="The step reporting.")
+    unit: Literal["steps", "batches"] = Field(
+        ..., description="What is counted: optimizer steps (train) or eval batches (evaluate).")
+    completed: int = Field(..., ge=0, description="Steps or batches done.")
+    total: int = Field(..., ge=0, description="Steps or batches in all.")
+    percent: float | None = Field(None, description="completed / total, in percent.")
+    eta_seconds: float | None = Field(None, description="Estimated seconds until the step's loop ends.")
+    eta: str | None = Field(None, description="etaSeconds for people, e.g. 45s, 12m or 1h05m.")
+    loss: float | None = Field(None, description="Training loss of the latest logged window.")
+    tokens_per_second: float | None = Field(
+        None, description="Training throughput of the latest logged window.")
+    learning_rate: float | None = Field(None, description="Learning rate of the latest logged window.")
+    last_updated: str = Field(
+        ..., description="When the operator last read this report from the step's pod.")
+
+
 class StepStatus(ApiModel):
     phase: StepPhase = "Pending"
     job_name: str | None = None
@@ -85,3 +105,5 @@ class ChatbotTrainingStatus(ApiModel):
     metrics: Metrics | None = None
     model: ModelOutput | None = None
     serving: ServingStatus | None = Field(None, description="The server of the model (spec.serve).")
+    progress: LiveProgress | None = Field(
+        None, description="Live progress of the running train or evaluate step.")

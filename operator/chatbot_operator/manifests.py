@@ -53,6 +53,9 @@ PVC_SCHEME = "pvc://"
 
 # Steps that run the model and get the GPU, nodeSelector, tolerations and affinity.
 GPU_STEPS = ("train", "evaluate")
+# Steps that serve their live progress (GET /progress on the container port of this name).
+PROGRESS_STEPS = ("train", "evaluate")
+PROGRESS_PORT_NAME = "progress"
 # Steps that read the base model (a pvc:// modelType is mounted there).
 MODEL_STEPS = ("configure", "train", "evaluate", "export")
 
@@ -310,6 +313,11 @@ def pod_spec(
             "runAsNonRoot": True,
         },
     }
+    if step in PROGRESS_STEPS and config.progress_port:
+        # read by the operator on the pod's IP: the pod needs no API credentials for it
+        env.append({"name": "CHATBOT_PROGRESS_PORT", "value": str(config.progress_port)})
+        container["ports"] = [{"name": PROGRESS_PORT_NAME, "containerPort": config.progress_port,
+                               "protocol": "TCP"}]
     pull_policy = spec.image_pull_policy or config.image_pull_policy
     if pull_policy:
         container["imagePullPolicy"] = pull_policy

@@ -6,6 +6,9 @@
   results of each training that has them.
 - `chatbot_reconcile_errors_total`: reconciliations that failed (and were retried).
 - `chatbot_reconcile_duration_seconds`: time of one reconciliation.
+- live progress of each running train or evaluate step (`{namespace,name}`, removed when the
+  step ends): `chatbot_progress_percent`, `chatbot_progress_eta_seconds`, and of training
+  `chatbot_train_step`, `chatbot_train_loss`, `chatbot_train_tokens_per_second`.
 Plus the default process and Python collectors of prometheus-client.
 """
 
@@ -43,6 +46,44 @@ RECONCILE_DURATION = prometheus_client.Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=REGISTRY)
 
 
+LIVE_GAUGES = {  # status.progress key: gauge
+    "percent": prometheus_client.Gauge(
+        "chatbot_progress_percent", "Percent done of the running train or evaluate step.",
+        ["namespace", "name"], registry=REGISTRY),
+    "etaSeconds": prometheus_client.Gauge(
+        "chatbot_progress_eta_seconds", "Estimated seconds until the running step's loop ends.",
+        ["namespace", "name"], registry=REGISTRY),
+}
+TRAIN_GAUGES = {
+    "completed": prometheus_client.Gauge(
+        "chatbot_train_step", "Optimizer steps done by the running train step.",
+        ["namespace", "name"], registry=REGISTRY),
+    "loss": prometheus_client.Gauge(
+        "chatbot_train_loss", "Training loss of the latest logged window.",
+        ["namespace", "name"], registry=REGISTRY),
+    "tokensPerSecond": prometheus_client.Gauge(
+        "chatbot_train_tokens_per_second", "Training throughput of the latest logged window.",
+        ["namespace", "name"], registry=REGISTRY),
+}
+
+
+def show_live_progress(namespace: str, name: str, block: Mapping[str, Any] | None) -> None:
+    """Set the live-progress gauges of a training from its `status.progress` block; the
+    series of values it lacks (all of them for None) are removed."""
+    block = block or {}
+    training = block.get("step") == "train"
+    for gauges, applies in ((LIVE_GAUGES, bool(block)), (TRAIN_GAUGES, training)):
+        for key, gauge in gauges.items():
+            value = block.get(key) if applies else None
+            if value is not None:
+                gauge.labels(namespace=namespace, name=name).set(value)
+            else:
+                try:
+                    gauge.remove(namespace, name)
+                except KeyError:
+                    pass
+
+
 class TrainingTracker:
     """The phase of every training this operator has seen; backs `chatbot_trainings`."""
 
@@ -70,6 +111,7 @@ class TrainingTracker:
 
     def forget(self, namespace: str, name: str) -> None:
         self._phases.pop((namespace, name), None)
+        show_live_progress(namespace, name, None)
         for gauge in (EVAL_LOSS, EVAL_ACCURACY):
             try:
                 gauge.remove(namespace, name)

@@ -38,7 +38,7 @@ import pydantic
 from chatbot_api.spec import NAME_RULE, STEPS, ChatbotTrainingSpec
 from chatbot_api.status import ChatbotTrainingStatus
 
-from chatbot_operator import manifests, multinode
+from chatbot_operator import live_progress, manifests, multinode
 from chatbot_operator.settings import OperatorConfig
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -802,6 +802,9 @@ def plan(
         if phase in TERMINAL_PHASES and not status["completionTime"]:
             ends = [states[step].completion_time] if step and step in states else []
             status["completionTime"] = next((e for e in ends if e), now)
+        # the running step's live progress stays while that step runs and its report is fresh
+        status["progress"] = live_progress.carried(old.get("progress"), status, now,
+                                                   config.progress_seconds)
         # Validate against the API model: what the CRD schema would accept.
         ChatbotTrainingStatus.model_validate({k: v for k, v in status.items() if v is not None})
         return {k: v for k, v in status.items() if v is not None}

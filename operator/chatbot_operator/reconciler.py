@@ -31,7 +31,8 @@ import kopf
 from chatbot_api import serve as serve_api
 from chatbot_api.spec import GROUP, PLURAL, VERSION, ChatbotTrainingSpec
 
-from chatbot_operator import kube, manifests, metrics, multinode, progress, serving
+from chatbot_operator import kube, live_progress, manifests, metrics, multinode, progress, serving
+from chatbot_operator.progress_poller import ProgressPoller
 from chatbot_operator.settings import OperatorConfig
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Reconciler:
         self._snapshots: dict[str, Snapshot] = {}
         self._snapshot_locks: dict[str, asyncio.Lock] = {}
         self._later: set[asyncio.TimerHandle | asyncio.Task] = set()
+        self.live_progress = ProgressPoller(self.update_status, config)
 
     def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -122,12 +124,14 @@ class Reconciler:
         for table in (self._locks, self._waiting, self._seen, self._attempts):
             table.pop(key, None)
         self.tracker.forget(namespace, name)
+        self.live_progress.forget(namespace, name)
 
     def close(self) -> None:
         """Cancel the retries still scheduled (the operator stops)."""
         for item in self._later:
             item.cancel()
         self._later.clear()
+        self.live_progress.close()
 
     # ------------------------------------------------------------------ triggers
 
@@ -299,6 +303,7 @@ class Reconciler:
             raise failure
         seen.status = status
         self._seen[(meta["namespace"], meta["name"])] = seen
+        self.live_progress.watch(meta["namespace"], meta["name"], live_progress.target(status, pods))
         return status
 
     async def _create(self, namespace: str, plural: str, body: Mapping[str, Any]) -> dict | None:
@@ -405,6 +410,23 @@ class Reconciler:
             })
         except kube.ApiError as exc:
             raise ObjectError(f"Job {job}", exc) from exc
+
+    async def update_status(self, namespace: str, name: str,
+                            change: Callable[[Mapping[str, Any]], dict[str, Any]]) -> None:
+        """Apply `change` to the status this operator last wrote (under the training's
+        lock) and patch what differs; nothing when it has not reconciled the training."""
+        key = (namespace, name)
+        if key not in self._seen:  # not reconciled (or forgotten): no lock to make
+            return
+        async with self._lock(key):
+            seen = self._seen.get(key)
+            if seen is None or seen.status is None:
+                return
+            new = change(seen.status)
+            patch = progress.status_patch(seen.status, new)
+            if patch:
+                await self.kube.patch(training_path(namespace, name, "status"), {"status": patch})
+            seen.status = new
 
     async def _report(self, training: Mapping[str, Any], status: dict[str, Any]) -> None:
         meta = training["metadata"]

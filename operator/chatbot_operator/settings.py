@@ -17,6 +17,8 @@ Command-line flags of `chatbot-operator` override the environment (see `__main__
 | CHATBOT_RESYNC_SECONDS | 60 | period of the safety re-check of each running training |
 | CHATBOT_SERVER_IMAGE | ghcr.io/ggml-org/llama.cpp:server-b8840 | llama.cpp server image of spec.serve (spec.serve.image overrides) |
 | CHATBOT_SERVER_CUDA_IMAGE | ghcr.io/ggml-org/llama.cpp:server-cuda-b8840 | the same with CUDA, for spec.serve.gpus > 0 |
+| CHATBOT_PROGRESS_SECONDS | 10 | how often the live progress of a running train/evaluate step is read (at most) |
+| CHATBOT_PROGRESS_PORT | 8470 | port the train/evaluate pods serve live progress on (0: not served, not read) |
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ DEFAULT_SERVER_IMAGE = "ghcr.io/ggml-org/llama.cpp:server-b8840"
 DEFAULT_SERVER_CUDA_IMAGE = "ghcr.io/ggml-org/llama.cpp:server-cuda-b8840"
 DEFAULT_PEERING_NAME = "chatbot-operator"
 DEFAULT_RESYNC_SECONDS = 60.0
+DEFAULT_PROGRESS_SECONDS = 10.0
+DEFAULT_PROGRESS_PORT = 8470
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 
@@ -53,6 +57,8 @@ class OperatorConfig:
     step_uid: int = 1000
     server_image: str = DEFAULT_SERVER_IMAGE
     server_cuda_image: str = DEFAULT_SERVER_CUDA_IMAGE
+    progress_seconds: float = DEFAULT_PROGRESS_SECONDS
+    progress_port: int = DEFAULT_PROGRESS_PORT
 
     def __post_init__(self) -> None:
         if not self.trainer_image:
@@ -68,6 +74,10 @@ class OperatorConfig:
                            ("CHATBOT_HEALTH_PORT", self.health_port)):
             if not -1 <= port <= 65535:
                 raise ConfigError(f"{name} must be a port number, 0 (any) or -1 (disabled)")
+        if not 0 <= self.progress_port <= 65535:
+            raise ConfigError("CHATBOT_PROGRESS_PORT must be a port number or 0 (disabled)")
+        if not self.progress_seconds > 0:
+            raise ConfigError("CHATBOT_PROGRESS_SECONDS must be positive")
 
     @property
     def clusterwide(self) -> bool:
@@ -97,9 +107,12 @@ class OperatorConfig:
         for var, key in (("CHATBOT_METRICS_PORT", "metrics_port"),
                          ("CHATBOT_HEALTH_PORT", "health_port"),
                          ("CHATBOT_STEP_UID", "step_uid"),
+                         ("CHATBOT_PROGRESS_PORT", "progress_port"),
                          ("CHATBOT_PEERING_PRIORITY", "peering_priority")):
             if env.get(var, "").strip():
                 kwargs[key] = _int(var, env[var])
+        if env.get("CHATBOT_PROGRESS_SECONDS", "").strip():
+            kwargs["progress_seconds"] = _float("CHATBOT_PROGRESS_SECONDS", env["CHATBOT_PROGRESS_SECONDS"])
         if "CHATBOT_PEERING_NAME" in env:
             kwargs["peering_name"] = env["CHATBOT_PEERING_NAME"].strip() or None
         if env.get("CHATBOT_DEFAULT_NODE_SELECTOR", "").strip():
@@ -154,6 +167,13 @@ def _json(var: str, text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{var} is not valid JSON: {exc}") from None
+
+
+def _float(var: str, text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ConfigError(f"{var} must be a number, not {text!r}") from None
 
 
 def _int(var: str, text: str) -> int:

@@ -224,7 +224,8 @@ async def test_training_runs_all_steps_to_an_exported_model(cluster: Cluster, st
     # What `kubectl get chatbottrainings -o wide` shows.
     training = cluster.training("support-bot")
     columns = {c["name"]: json_path(training, c["jsonPath"]) for c in PRINTER_COLUMNS}
-    assert columns == {"Phase": "Succeeded", "Step": "export", "Loss": 0.15, "Accuracy": 0.92,
+    assert columns == {"Phase": "Succeeded", "Step": "export", "Progress": None, "ETA": None,
+                       "Loss": 0.15, "Accuracy": 0.92,
                        "Model": "pvc://models/support-bot/support-bot.q8_0.gguf",
                        "Serving": None, "Age": training["metadata"]["creationTimestamp"]}
 

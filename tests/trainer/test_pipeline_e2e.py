@@ -54,6 +54,9 @@ def test_details_show_data_report_timings_config_and_learning(local_run):
     assert details["train"]["train_loss"] < details["train"]["initial_loss"]
     assert {f["quantization"] for f in details["files"]} == {"f16", "q8_0"}
     assert Path(details["modelfile"]).read_text().startswith("FROM ")
+    assert details["loss_curve"] == str(local_run / "loss.png")
+    assert (local_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (local_run / "workspace" / "train" / "tensorboard").is_dir()
 
 
 def test_gguf_loads_in_transformers(local_run):

@@ -13,13 +13,14 @@ from chatbot_trainer.previous_results import set_aside_previous_results
 def _previous_run(out):
     """What a successful run leaves: result.json, details.json, model files, the workspace."""
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / "bot.f16.gguf", out / "bot.q8_0.gguf", out / "Modelfile"]
+    files = [out / "bot.f16.gguf", out / "bot.q8_0.gguf", out / "Modelfile", out / "loss.png"]
     for path in files:
         path.write_text("old model")
     (out / "result.json").write_text(json.dumps({"model": {"path": str(files[0])}, "metrics": {"loss": 0.5}}))
     (out / "details.json").write_text(json.dumps({
         "files": [{"path": str(files[0]), "quantization": "f16"}, {"path": str(files[1]), "quantization": "q8_0"}],
         "modelfile": str(files[2]),
+        "loss_curve": str(files[3]),
     }))
     (out / "notes.txt").write_text("the user's own file")
     return files
@@ -34,9 +35,10 @@ def test_failed_run_moves_the_previous_results_aside_and_says_so(tmp_path, capsy
     assert code == 2
     assert not (out / "result.json").exists() and not (out / "details.json").exists()
     assert not list(out.glob("*.gguf")) and not (out / "Modelfile").exists()
+    assert not (out / "loss.png").exists()
     aside = out / "previous-run"
     assert sorted(p.name for p in aside.iterdir()) == [
-        "Modelfile", "bot.f16.gguf", "bot.q8_0.gguf", "details.json", "result.json"]
+        "Modelfile", "bot.f16.gguf", "bot.q8_0.gguf", "details.json", "loss.png", "result.json"]
     assert (out / "notes.txt").read_text() == "the user's own file"
     err = capsys.readouterr().err
     assert f"{out} holds no result.json from this run; the previous run's results are in {aside}" in err

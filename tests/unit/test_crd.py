@@ -107,6 +107,8 @@ def test_crd_identity_and_printer_columns():
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns["Phase"] == ".status.phase" and columns["Step"] == ".status.step"
     assert columns["Loss"] == ".status.metrics.loss"
+    assert columns["Progress"] == ".status.progress.percent"
+    assert columns["ETA"] == ".status.progress.eta"
     assert columns["Accuracy"] == ".status.metrics.accuracy"
     assert columns["Age"] == ".metadata.creationTimestamp"
 

@@ -88,9 +88,10 @@ def test_every_step_job_has_the_common_contract(step):
     assert c["securityContext"] == {"allowPrivilegeEscalation": False,
                                     "capabilities": {"drop": ["ALL"]},
                                     "readOnlyRootFilesystem": True, "runAsNonRoot": True}
+    live = {"CHATBOT_PROGRESS_PORT": "8470"} if step in ("train", "evaluate") else {}
     assert {e["name"]: e["value"] for e in c["env"]} == {
         "HF_HOME": "/workspace/.cache/huggingface", "CHATBOT_PVC_ROOT": "/mnt/pvc",
-        "HOME": "/tmp", "PYTHONUNBUFFERED": "1"}
+        "HOME": "/tmp", "PYTHONUNBUFFERED": "1", **live}
     assert "envFrom" not in c and "imagePullPolicy" not in c
     vols = {v["name"]: v for v in pod_spec["volumes"]}
     assert vols["workspace"] == {"name": "workspace",

@@ -18,7 +18,7 @@ scaling, …) the full model forward is used instead and its logits are indexed 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from chatbot_trainer.packing import (
     Batch,
@@ -191,8 +191,12 @@ def evaluate_model(
     device: str | None = None,
     attention_mode: str | None = None,
     pad_token_id: int | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Loss, token accuracy and perplexity over the assistant tokens of ``examples``.
+
+    ``on_batch(done, total)`` is told the micro-batches done, before each one and at the end
+    (live progress).
 
     loss = sum of token cross-entropies / number of assistant tokens (the same whether the
     examples are packed or not); accuracy = share of assistant tokens whose argmax prediction
@@ -227,7 +231,10 @@ def evaluate_model(
     tokens = 0
     try:
         with torch.inference_mode():
-            for batch in micro_batches(sequences, micro_batch_size, pad_token_id=pad_token_id, packed=packing):
+            batches = micro_batches(sequences, micro_batch_size, pad_token_id=pad_token_id, packed=packing)
+            for done, batch in enumerate(batches):
+                if on_batch is not None:
+                    on_batch(done, len(batches))
                 if batch.num_label_tokens == 0:
                     continue
                 batch = batch.to(device, non_blocking=True)
@@ -241,6 +248,8 @@ def evaluate_model(
                 loss_sum += ce.double()
                 correct += hits
                 tokens += batch.num_label_tokens
+            if on_batch is not None:
+                on_batch(len(batches), len(batches))
     finally:
         model.train(was_training)
         if attn_implementation(model) != original_attention:

@@ -123,6 +123,7 @@ def run_pipeline(
         "data": results["prepare"]["report"],
         "files": results["export"]["summary"]["model"].get("files"),
         "modelfile": results["export"]["summary"]["model"].get("modelfile"),
+        "loss_curve": exported.get("loss_curve"),
         "config": {k: results["configure"][k] for k in (
             "params", "device", "precision", "micro_batch_size", "gradient_accumulation_steps",
             "warmup_steps", "target_modules", "train_base_weights", "architecture")},
@@ -178,6 +179,8 @@ def summary_text(details: dict[str, Any], width: int = 100) -> str:
                 text = " ".join(str(row[key]).split()) or "(empty)"
                 lines.append(textwrap.shorten(f"  {label:>10}: {text}", width=width, placeholder=" …"))
         lines.append("")
+    if details.get("loss_curve"):
+        lines.append(f"loss curve: {details['loss_curve']}")
     lines.append(f"model: {details['model']['path']} ({details['model']['size_mb']} MiB)")
     return "\n".join(lines)
 

@@ -1,8 +1,8 @@
 """An output directory never shows an earlier run's success as this run's.
 
 Before a local run starts, the results of the previous run in its output directory
-(``result.json`` first, then ``details.json`` and, unless the run resumes, the model files
-``details.json`` lists) move into ``<output>/previous-run/``, replacing an older one. Each move
+(``result.json`` first, then ``details.json`` and, unless the run resumes, the model files and
+``loss.png`` that ``details.json`` lists) move into ``<output>/previous-run/``, replacing an older one. Each move
 is a rename, and ``result.json`` goes first, so from the first rename on nothing in the
 directory claims success until this run writes its own ``result.json`` at the very end.
 """
@@ -25,7 +25,7 @@ def _model_files(output_dir: Path, details_path: Path) -> list[Path]:
     except (OSError, ValueError):
         return []
     names = [entry.get("path") for entry in details.get("files") or [] if isinstance(entry, dict)]
-    names.append(details.get("modelfile"))
+    names += [details.get("modelfile"), details.get("loss_curve")]
     found = []
     for name in names:
         if isinstance(name, str) and name:

@@ -10,7 +10,8 @@ Reads top to bottom like the loop it runs:
 5. AdamW + warmup/decay schedule; resume from the latest complete checkpoint;
 6. for exactly ``training_steps`` optimizer steps: micro-batches × gradient accumulation,
    loss = sum of token losses / assistant tokens in the whole step, clip, step; log every
-   ``log_every`` steps to ``train/metrics.jsonl``; checkpoint every ``checkpoint_every``;
+   ``log_every`` steps to ``train/metrics.jsonl``, the live progress board and TensorBoard
+   (``train/tensorboard/``, see train_monitor.py); checkpoint every ``checkpoint_every``;
 7. save ``train/adapter/`` (and ``train/base/`` when base weights changed or tokens were added).
 
 Started by torchrun, the same loop runs on every rank; what differs (the rank's shard of each
@@ -48,6 +49,7 @@ from chatbot_trainer.packing import (
     restore_attention,
 )
 from chatbot_trainer.tokenization import tokenize_dataset
+from chatbot_trainer.train_monitor import NoMonitor, TrainMonitor
 from chatbot_trainer.workspace import StepContext, write_json_atomic
 
 log = logging.getLogger("chatbot_trainer.train")
@@ -531,6 +533,7 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         break
     metrics_log = _MetricsLog(train_dir / "metrics.jsonl", step, write=ranks.is_main)
     compiled = compilation.apply(model, params.compile, device, cache_dir=train_dir / "compile-cache")
+    monitor = TrainMonitor(ctx.workspace, params.training_steps, step) if ranks.is_main else NoMonitor()
 
     # 6. The loop.
     batch_size, micro = params.batch_size, plan.micro_batch_size
@@ -607,6 +610,7 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
                 "epoch": round(consumed / len(sequences), 3),
             }
             metrics_log.write(record)
+            monitor.window(record)
             progress.set_postfix(loss=f"{loss_value:.4f}")
             log.info("step %d/%d loss %.4f lr %.3g %.0f tokens/s", step, params.training_steps,
                      loss_value, record["lr"], record["tokens_per_second"])
@@ -637,9 +641,11 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
             )
         if stop_at_step is not None and step >= stop_at_step and step < params.training_steps:
             progress.close()
+            monitor.close()
             return {"completed": False, "step": step, "resumed_from": resumed_from}
     progress.close()
     seconds = time.perf_counter() - started
+    monitor.close()
     restore_attention(model)
     final_loss = metrics_log.records[-1]["loss"] if metrics_log.records else None
 

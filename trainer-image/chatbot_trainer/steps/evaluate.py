@@ -8,7 +8,8 @@ model's is a warning in the result (and the operator's status), and fails the st
 ``evaluation.requireImprovement``. A few held-out questions (``evaluation.sampleAnswers``) are
 answered greedily by both models and kept side by side with the data's own answers. With an empty eval split (tiny data sets, or
 ``data.evalFraction: 0``) a deterministic sample of the training split is used and the result
-says so (``"eval_split": "train-sample"``).
+says so (``"eval_split": "train-sample"``). While it runs, the batches done are served as live
+progress (progress_server.py); the results also go to TensorBoard beside the training's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import numpy as np
 
 from chatbot_trainer import hardware
 from chatbot_trainer.errors import InvalidConfig, InvalidData, QualityThresholdNotMet
+from chatbot_trainer.progress_server import ProgressBoard, serving
+from chatbot_trainer.train_monitor import record_evaluation
 from chatbot_trainer.workspace import StepContext, write_json_atomic
 
 TRAIN_SAMPLE_SIZE = 256  # conversations evaluated when there is no eval split
@@ -119,14 +122,18 @@ def run(ctx: StepContext) -> dict[str, Any]:
         pad_token_id=tokenizer.pad_token_id,
     )
     questions = sample_questions(conversations, params.evaluation.sample_answers, params.seed)
+    board = ProgressBoard("evaluate", "batches")  # fine-tuned model's batches, then the base's
     try:
-        metrics = evaluate_model(model, examples, **settings)
-        fine_tuned_answers = generate_answers(model, tokenizer, questions)
-        del model
-        base_model = load_base_model(trained, device=device, dtype=dtype)
-        base_metrics = evaluate_model(base_model, examples, **settings)
-        base_answers = generate_answers(base_model, tokenizer, questions)
-        del base_model
+        with serving(board):
+            metrics = evaluate_model(model, examples, **settings,
+                                     on_batch=lambda done, total: board.update(done, 2 * total))
+            fine_tuned_answers = generate_answers(model, tokenizer, questions)
+            del model
+            base_model = load_base_model(trained, device=device, dtype=dtype)
+            base_metrics = evaluate_model(base_model, examples, **settings,
+                                          on_batch=lambda done, total: board.update(total + done, 2 * total))
+            base_answers = generate_answers(base_model, tokenizer, questions)
+            del base_model
     except ValueError as exc:  # e.g. a model that cannot keep packed examples apart
         raise InvalidConfig(str(exc)) from exc
 
@@ -153,6 +160,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         problems.append(f"{not_improved} (evaluation.requireImprovement is set)")
     report["passed"] = not problems
     write_json_atomic(out / "metrics.json", report)
+    record_evaluation(ctx.workspace, params.training_steps, report["metrics"], report["base_metrics"])
     if problems:
         raise QualityThresholdNotMet("; ".join(problems))
     summary = {"metrics": report["metrics"], "base_metrics": report["base_metrics"]}

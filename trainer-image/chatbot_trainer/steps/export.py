@@ -5,6 +5,7 @@ Reads `train/result.json` (`base_model_path_for_adapter`, `adapter_path`) and
   <workspace>/export/merged/            merged safetensors + tokenizer (with the chat template)
   <out>/<name>.<quant>.gguf             one per spec.export.quantizations, the first is "the model"
   <out>/Modelfile                       `ollama create <name> -f Modelfile` imports it
+  <out>/loss.png                        the training loss curve, base vs fine-tuned eval loss
 where <out> is `--output` (ctx.output_dir) or <workspace>/export. Every file is written under a
 temporary name and renamed, so a killed export never leaves a half file under a final name.
 Each GGUF is read back with gguf's reader before the step reports success.
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from chatbot_trainer import curves
 from chatbot_trainer.errors import ModelNotFound, StepError
 from chatbot_trainer.workspace import StepContext, replace_dir_atomically
 
@@ -50,6 +52,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         modelfile_path, merged_dir, Path(files[0]["path"]).name, ctx.params.data.system_prompt
     )
 
+    loss_curve = curves.write_loss_curve(ctx.workspace, out_dir, title=f"{name}: training loss")
     first = files[0]
     served = answer_with_gguf(ctx, first["path"])
     return {
@@ -61,6 +64,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "files": files,
         "modelfile": str(modelfile_path),
         "modelfile_system": modelfile_info,
+        "loss_curve": loss_curve,
         "gguf_samples": served,
         "summary": {
             "model": {

@@ -1,0 +1,164 @@
+"""Live progress of a running step, served read-only as JSON on ``GET /progress``.
+
+The operator polls it on the step pod's IP (the Job's container port named ``progress``), so
+the pod needs no API credentials and no log is scraped. The train step reports optimizer
+steps, evaluate reports batches:
+
+    {"step": "train", "unit": "steps", "completed": 120, "total": 1000, "percent": 12.0,
+     "eta_seconds": 734.2, "loss": 1.2345, "tokens_per_second": 512.3,
+     "learning_rate": 0.0001, "updated": "2026-01-01T12:00:00Z"}
+
+``CHATBOT_PROGRESS_PORT`` names the port (the Job sets 8470); unset, empty or 0: no server
+(a local run opens no port). Reporting never gets in the way of the work: a port that cannot
+be bound is logged and skipped, a request never reaches the training thread, and anything
+but ``GET /progress`` gets 404.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+log = logging.getLogger("chatbot_trainer.progress")
+
+PORT_ENV = "CHATBOT_PROGRESS_PORT"
+PATH = "/progress"
+
+
+def port_from_env(environ: Mapping[str, str] | None = None) -> int | None:
+    """The port to serve on, or None (unset, empty, 0 or not a port number)."""
+    text = (os.environ if environ is None else environ).get(PORT_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        log.warning("%s=%r is not a port number: live progress is not served", PORT_ENV, text)
+        return None
+    return port if 0 < port < 65536 else None
+
+
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ProgressBoard:
+    """The latest report of one step. `update` is called by the work, `snapshot` by the
+    server's thread; the remaining time is estimated from the rate since the board's first
+    update (a resumed run counts from where it resumed)."""
+
+    def __init__(self, step: str, unit: str, total: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._fields: dict[str, Any] = {"step": step, "unit": unit, "completed": 0, "total": int(total)}
+        self._first: tuple[float, int] | None = None  # (monotonic time, completed) of the first update
+        self._eta: float | None = None
+        self._updated_monotonic: float | None = None
+        self._updated: str | None = None
+
+    def update(self, completed: int, total: int | None = None, **values: Any) -> None:
+        """`values`: loss, tokens_per_second, learning_rate (None values are left out)."""
+        now = time.monotonic()
+        with self._lock:
+            if total is not None:
+                self._fields["total"] = int(total)
+            if self._first is None:
+                self._first = (now, int(completed))
+            self._fields["completed"] = int(completed)
+            self._fields.update({k: v for k, v in values.items() if v is not None})
+            self._eta = self._estimate(now, int(completed))
+            self._updated_monotonic = now
+            self._updated = _iso(time.time())
+
+    def _estimate(self, now: float, completed: int) -> float | None:
+        total = self._fields["total"]
+        first_time, first_done = self._first or (now, completed)
+        done_here = completed - first_done
+        if total <= 0 or done_here <= 0 or now <= first_time:
+            return 0.0 if total > 0 and completed >= total else None
+        return max(0.0, (total - completed) * (now - first_time) / done_here)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The report as served: percent, and the remaining time counted down to now."""
+        with self._lock:
+            report = dict(self._fields)
+            eta, updated_at, updated = self._eta, self._updated_monotonic, self._updated
+        total = report["total"]
+        report["percent"] = round(100.0 * min(report["completed"], total) / total, 1) if total > 0 else None
+        if eta is not None and updated_at is not None:
+            eta = max(0.0, eta - (time.monotonic() - updated_at))
+        report["eta_seconds"] = None if eta is None else round(eta, 1)
+        report["updated"] = updated
+        return report
+
+
+def _handler_for(board: ProgressBoard) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "chatbot-trainer"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path.split("?", 1)[0] != PATH:
+                self.send_error(404)
+                return
+            body = json.dumps(board.snapshot()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass  # one request every few seconds: not worth a log line
+
+    return Handler
+
+
+class ProgressServer:
+    """`board` served on `port` from a daemon thread, until `close()`."""
+
+    def __init__(self, board: ProgressBoard, port: int, host: str = "0.0.0.0") -> None:
+        self.httpd = ThreadingHTTPServer((host, port), _handler_for(board))
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.5},
+                                       name="progress-server", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_server(board: ProgressBoard, port: int | None = None) -> ProgressServer | None:
+    """Serve `board` (port: `CHATBOT_PROGRESS_PORT` unless given); None when progress is not
+    served or the port cannot be bound (logged: the step goes on without it)."""
+    port = port_from_env() if port is None else port
+    if not port:
+        return None
+    try:
+        server = ProgressServer(board, port)
+    except OSError as exc:
+        log.warning("cannot serve live progress on port %s (%s); the step goes on without it", port, exc)
+        return None
+    log.info("live progress on port %d at %s", server.port, PATH)
+    return server
+
+
+@contextmanager
+def serving(board: ProgressBoard, port: int | None = None) -> Iterator[ProgressServer | None]:
+    """`start_server` for the duration of a block."""
+    server = start_server(board, port)
+    try:
+        yield server
+    finally:
+        if server is not None:
+            server.close()
