@@ -185,7 +185,7 @@ def test_cpu_micro_batches_share_the_nodes_memory_between_processes():
     from chatbot_api.spec import TrainingParams
     from chatbot_trainer import hardware
 
-    params = TrainingParams(training_data="x", batch_size=16, max_seq_length=512)
+    params = TrainingParams(training_data="x", batch_size=16, max_seq_length=128)
     shape = {"hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536, "vocab_size": 49152}
     machine = {"device": "cpu", "memory_gb": 8.0, "bf16": False, "name": "cpu"}
     alone = hardware.resolve(params, machine, shape)
