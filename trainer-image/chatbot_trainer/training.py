@@ -420,6 +420,8 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
     from peft import LoraConfig, get_peft_model
     from transformers import get_scheduler
 
+    from chatbot_trainer import lora_dropout
+
     params = ctx.params
     train_dir = ctx.step_dir("train")
     if not ctx.show_progress:
@@ -461,7 +463,8 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
     # 4. Model + LoRA. Frozen base weights may live in half precision; trained ones stay fp32.
     only_lora = not plan.train_base_weights and not added_tokens
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
-    load_dtype = half if (device == "cuda" and half is not None and only_lora) else torch.float32
+    # (On a CPU too, in bf16: autocast would otherwise re-cast every frozen weight at every forward.)
+    load_dtype = half if (half is not None and only_lora) else torch.float32
     log.info("base model %s on %s (%s), %d sequences of up to %d tokens", plan.base_model_path,
              device, plan.precision, len(sequences), params.max_seq_length)
     model = load_causal_lm(plan.base_model_path, dtype=load_dtype)
@@ -492,6 +495,7 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
             model = get_peft_model(model, lora_config)
     except ValueError as exc:
         raise InvalidConfig(f"LoRA cannot adapt this model: {exc}: check lora.targetModules") from exc
+    lora_dropout.use_cheap_masks(model)
     if plan.train_base_weights:
         for param in model.parameters():
             param.requires_grad_(True)
