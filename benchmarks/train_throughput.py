@@ -25,7 +25,10 @@ weights and tokenizer (the offline GGUF copy the ``smollm`` preset uses, dequant
 There ours runs with the product's defaults (micro-batch from the CPU token budget, eager;
 ``--ours-compiled`` adds the same run with ``compile: on``), TRL with ``--micro-batch-size`` and
 gradient checkpointing off and, with ``--trl-gradient-checkpointing both``, also on (TRL's
-default).
+default). ``--dtype bf16`` trains ours in bf16 autocast on a CPU too (what ``precision: auto``
+picks on CPUs with avx512_bf16 or AMX); ``--trl-dtypes fp32,bf16`` measures TRL in both
+precisions (bf16: the model loaded in bf16 and ``bf16=True``), each as its own side, so the
+baseline is TRL's fastest configuration on the machine.
 GPU: ``--model-shape qwen2-0.5b --device cuda --dtype bf16`` (or ``llama-1b``): the real
 architecture built from its config with random weights; MFU = 6·N·tokens/s / peak FLOP/s with
 N the parameters that do matrix multiplies (all but the input embedding) and the GPU's peak
@@ -320,7 +323,11 @@ def main() -> int:
     parser.add_argument("--model-shape", choices=sorted([*SHAPES, *REAL_MODELS]), default="scratch-llama")
     parser.add_argument("--num-layers", type=int, help="override the shape's layer count (smoke tests)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: fp32 on CPU, bf16 on GPU")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                        help="ours' precision and TRL's (default: fp32 on CPU, bf16 on GPU)")
+    parser.add_argument("--trl-dtypes", default=None,
+                        help="comma-separated TRL precisions to measure, each a side (e.g. fp32,bf16: "
+                             "TRL's fastest is the baseline); default: --dtype")
     parser.add_argument("--conversations", type=int, default=4000, help="synthetic conversations")
     parser.add_argument("--max-seq-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
@@ -335,6 +342,8 @@ def main() -> int:
                         help="TRL without gradient checkpointing, with it (TRL's default), or both")
     parser.add_argument("--ours-compiled", action="store_true",
                         help="also run ours with compile: on (decoder layers through torch.compile)")
+    parser.add_argument("--sides", help="comma-separated side names to run (e.g. ours): a before/after of ours "
+                                         "without the baselines")
     parser.add_argument("--workdir", help="where data, model and workspace go (default: a temporary directory)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
     args = parser.parse_args()
@@ -365,7 +374,7 @@ def main() -> int:
         "learningRate": 2e-4,
         "maxSeqLength": args.max_seq_length,
         "packing": True,
-        "precision": dtype if args.device == "cuda" else "fp32",
+        "precision": dtype,
         "warmupSteps": 1,
         "logEvery": args.window,
         "checkpointEvery": 10**6,
@@ -394,25 +403,32 @@ def main() -> int:
             return {**result, "peak_rss": peak}
         return side
 
-    def trl(packing: bool, checkpointing: bool):
+    def trl(packing: bool, checkpointing: bool, trl_dtype: str):
         def side(_: int) -> dict[str, Any]:
             result, peak = common.run_isolated(run_trl, str(base_dir), train_file, config, plan["target_modules"],
                                                packing, args.window,
-                                               args.threads, args.device, dtype, checkpointing,
+                                               args.threads, args.device, trl_dtype, checkpointing,
                                                REAL_MODELS.get(args.model_shape))
             return {**result, "peak_rss": peak}
         return side
 
     checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.trl_gradient_checkpointing]
+    trl_dtypes = (args.trl_dtypes or dtype).split(",")
     sides = {}
-    for gc in checkpointing:
-        suffix = "_gc" if gc and len(checkpointing) > 1 else ""
-        sides[f"trl_padded{suffix}"] = trl(False, gc)
-        if not args.no_trl_packed:
-            sides[f"trl_packed{suffix}"] = trl(True, gc)
+    for trl_dtype in trl_dtypes:
+        for gc in checkpointing:
+            suffix = ("_gc" if gc and len(checkpointing) > 1 else "") + (f"_{trl_dtype}" if len(trl_dtypes) > 1 else "")
+            sides[f"trl_padded{suffix}"] = trl(False, gc, trl_dtype)
+            if not args.no_trl_packed:
+                sides[f"trl_packed{suffix}"] = trl(True, gc, trl_dtype)
     sides["ours"] = ours(None)
     if args.ours_compiled:
         sides["ours_compiled"] = ours("on")
+    if args.sides:
+        unknown = set(args.sides.split(",")) - set(sides)
+        if unknown:
+            raise SystemExit(f"unknown sides {sorted(unknown)}; choose from {sorted(sides)}")
+        sides = {name: side for name, side in sides.items() if name in args.sides.split(",")}
     runs = common.alternate(sides, args.repeats)
 
     summary: dict[str, dict[str, Any]] = {}
@@ -436,14 +452,14 @@ def main() -> int:
     for name, s in summary.items():
         s["mfu"] = (6 * model_info["matmul_params"] * s["tokens_per_s"] / (peak_tflops * 1e12)
                     if peak_tflops else None)
-    base = summary["trl_padded"]
-    ratios = {f"ours_vs_{name}": common.ratio(summary["ours"]["tokens_per_s"], s["tokens_per_s"])
-              for name, s in summary.items() if name != "ours"}
-    trl_sides = [name for name in summary if name.startswith("trl")]
-    best_trl = max(trl_sides, key=lambda name: summary[name]["tokens_per_s"])
     memory_key = "cuda_peak_mib" if args.device == "cuda" else "peak_rss_mib"
-    memory_ratios = {f"ours_vs_{name}": common.ratio(summary["ours"][memory_key], s[memory_key])
-                     for name, s in summary.items() if name != "ours"}
+    others = [name for name in summary if name != "ours"] if "ours" in summary else []
+    ratios = {f"ours_vs_{name}": common.ratio(summary["ours"]["tokens_per_s"], summary[name]["tokens_per_s"])
+              for name in others}
+    memory_ratios = {f"ours_vs_{name}": common.ratio(summary["ours"][memory_key], summary[name][memory_key])
+                     for name in others}
+    trl_sides = [name for name in others if name.startswith("trl")]
+    best_trl = max(trl_sides, key=lambda name: summary[name]["tokens_per_s"]) if trl_sides else None
 
     headers = ["side", "tokens/s", "peak RSS MiB", "RSS growth MiB", "GPU peak MiB", "MFU", "loss", "trainable"]
     rows = [[name, s["tokens_per_s"], s["peak_rss_mib"], s["rss_growth_mib"], s["cuda_peak_mib"],
@@ -453,12 +469,14 @@ def main() -> int:
     print()
     for key, value in ratios.items():
         print(f"tokens/s ratio {key}: {value:.2f}x   ({memory_key} ratio {memory_ratios[key]:.2f})")
-    print(f"fastest TRL side: {best_trl}; ours vs it: {ratios[f'ours_vs_{best_trl}']:.2f}x tokens/s at "
-          f"{memory_ratios[f'ours_vs_{best_trl}']:.2f}x {memory_key}")
-    ours_runs = runs["ours"]
-    print(f"ours: micro-batch {ours_runs[0]['micro_batch_size']}, compile {ours_runs[0]['compile']}, "
-          f"first window {[r['first_window_tokens_per_s'] for r in ours_runs]} tokens/s, "
-          f"whole run {[round(r['seconds_total'], 1) for r in ours_runs]} s")
+    if best_trl:
+        print(f"fastest TRL side: {best_trl}; ours vs it: {ratios[f'ours_vs_{best_trl}']:.2f}x tokens/s at "
+              f"{memory_ratios[f'ours_vs_{best_trl}']:.2f}x {memory_key}")
+    ours_runs = runs.get("ours") or runs.get("ours_compiled") or []
+    for ours_run in ours_runs[:1]:
+        print(f"ours: micro-batch {ours_run['micro_batch_size']}, compile {ours_run['compile']}, "
+              f"first window {[r['first_window_tokens_per_s'] for r in ours_runs]} tokens/s, "
+              f"whole run {[round(r['seconds_total'], 1) for r in ours_runs]} s")
     data = {
         "benchmark": "train_throughput",
         "machine": common.machine_info(),
@@ -475,7 +493,10 @@ def main() -> int:
     default = args.model_shape == "scratch-llama" and args.device == "cpu" and not args.num_layers
 
     layers = f"-{args.num_layers}layer" if args.num_layers else ""
-    name = "train_throughput" + ("" if default else f"_{args.model_shape}{layers}_{args.device}")
+    cpu_bf16 = "_bf16" if args.device == "cpu" and dtype == "bf16" else ""
+    only = f"_only-{args.sides.replace(',', '-')}" if args.sides else ""
+    name = "train_throughput" + ("" if default and not only else
+                                 f"_{args.model_shape}{layers}_{args.device}{cpu_bf16}{only}")
     return common.finish(name, data, quick=args.quick, work=work, keep=bool(args.workdir))
 
 
