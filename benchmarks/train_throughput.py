@@ -495,7 +495,7 @@ def main() -> int:
     layers = f"-{args.num_layers}layer" if args.num_layers else ""
     cpu_bf16 = "_bf16" if args.device == "cpu" and dtype == "bf16" else ""
     only = f"_only-{args.sides.replace(',', '-')}" if args.sides else ""
-    name = "train_throughput" + ("" if default and not only else
+    name = "train_throughput" + ("" if default and not only and not cpu_bf16 else
                                  f"_{args.model_shape}{layers}_{args.device}{cpu_bf16}{only}")
     return common.finish(name, data, quick=args.quick, work=work, keep=bool(args.workdir))
 
