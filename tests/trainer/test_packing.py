@@ -21,8 +21,10 @@ from chatbot_trainer.packing import (
     packing_isolated,
     packing_stats,
     padding_token_id,
+    SegmentLayoutArgs,
     restore_attention,
     segment_layout,
+    segments_sdpa_attention,
     set_attn_implementation,
     register_segments_attention,
 )
@@ -161,6 +163,40 @@ def test_packed_examples_compute_what_they_compute_alone(model, mode):
             torch.testing.assert_close(hidden, alone, atol=2e-5, rtol=1e-4)
     finally:
         set_attn_implementation(model, original)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_segments_attend_in_fp32_on_a_cpu_and_return_bf16(autocast, monkeypatch):
+    """sdpa's bf16 CPU kernels are slower on short segments: the segments attend in fp32."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    seen = []
+
+    def spy(*args, **kwargs):
+        out = sdpa(*args, **kwargs)
+        seen.append((args[0].dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    segment_ids = np.array([[0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1]])
+    gather, slot, count, width = segment_layout(segment_ids)
+    layout = SegmentLayoutArgs(gather=torch.as_tensor(gather).view(count, width), slot=torch.as_tensor(slot))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, 12, 8) for h in (4, 2, 2))
+    expected = []
+    for a, b in ((0, 5), (5, 12)):  # each example alone, in fp32
+        expected.append(torch.nn.functional.scaled_dot_product_attention(
+            q[..., a:b, :], k[..., a:b, :].repeat_interleave(2, 1), v[..., a:b, :].repeat_interleave(2, 1),
+            is_causal=True).transpose(1, 2))
+    expected = torch.cat(expected, dim=1)
+    half = [x.to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, _ = segments_sdpa_attention(None, *half, None, segments=layout)
+    assert seen == [(torch.float32, torch.float32)]  # autocast did not turn it back to bf16
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 12, 4, 8)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert all(x.grad is not None and x.grad.dtype == torch.bfloat16 for x in half)
 
 
 def test_transformers_isolates_packed_rows_only_without_a_cache(model):
