@@ -425,10 +425,11 @@ def main() -> int:
     if args.ours_compiled:
         sides["ours_compiled"] = ours("on")
     if args.sides:
-        unknown = set(args.sides.split(",")) - set(sides)
+        wanted = args.sides.split(",")
+        unknown = set(wanted) - set(sides)
         if unknown:
             raise SystemExit(f"unknown sides {sorted(unknown)}; choose from {sorted(sides)}")
-        sides = {name: side for name, side in sides.items() if name in args.sides.split(",")}
+        sides = {name: side for name, side in sides.items() if name in wanted}
     runs = common.alternate(sides, args.repeats)
 
     summary: dict[str, dict[str, Any]] = {}
