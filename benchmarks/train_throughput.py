@@ -23,7 +23,8 @@ CPU (default): the ``scratch-llama`` shape (~1M parameters), fp32.
 Real model, CPU: ``--model-shape smollm2-135m-real``: SmolLM2-135M-Instruct with its real
 weights and tokenizer (the offline GGUF copy the ``smollm`` preset uses, dequantized once).
 There ours runs with the product's defaults (micro-batch from the CPU token budget, eager;
-``--ours-compiled`` adds the same run with ``compile: on``), TRL with ``--micro-batch-size`` and
+``--ours-compiled`` adds the same run with ``compile: on``, ``--ours-peft-layers`` the same run
+with peft's own LoRA layers instead of the fused CPU ones), TRL with ``--micro-batch-size`` and
 gradient checkpointing off and, with ``--trl-gradient-checkpointing both``, also on (TRL's
 default). ``--dtype bf16`` trains ours in bf16 autocast on a CPU too (what ``precision: auto``
 picks on CPUs with avx512_bf16 or AMX); ``--trl-dtypes fp32,bf16`` measures TRL in both
@@ -184,8 +185,10 @@ def _cuda_peak(device: str) -> int | None:
 # ------------------------------------------------------------------------------ the two sides
 
 
-def run_ours(workspace: str, config: dict[str, Any], window: int, threads: int) -> dict[str, Any]:
+def run_ours(workspace: str, config: dict[str, Any], window: int, threads: int,
+             fused_lora: bool = True) -> dict[str, Any]:
     common.set_quiet_env(threads)
+    os.environ["CHATBOT_FUSED_LORA"] = "on" if fused_lora else "off"
     import torch
 
     torch.set_num_threads(threads)
@@ -342,6 +345,8 @@ def main() -> int:
                         help="TRL without gradient checkpointing, with it (TRL's default), or both")
     parser.add_argument("--ours-compiled", action="store_true",
                         help="also run ours with compile: on (decoder layers through torch.compile)")
+    parser.add_argument("--ours-peft-layers", action="store_true",
+                        help="also run ours with peft's own LoRA layers (CHATBOT_FUSED_LORA=off)")
     parser.add_argument("--sides", help="comma-separated side names to run (e.g. ours): a before/after of ours "
                                          "without the baselines")
     parser.add_argument("--workdir", help="where data, model and workspace go (default: a temporary directory)")
@@ -393,13 +398,14 @@ def main() -> int:
     train_file = str(workspace / "prepare" / "train.jsonl")
     print(f"model {model_info}; {plan['train']} training conversations; plan {plan}", flush=True)
 
-    def ours(compile_mode: str | None):
+    def ours(compile_mode: str | None, fused_lora: bool = True):
         ours_config = {**config, "compile": compile_mode} if compile_mode else config
         if real:  # ours sizes its own micro-batches; TRL keeps --micro-batch-size
             ours_config = {k: v for k, v in ours_config.items() if k != "microBatchSize"}
 
         def side(_: int) -> dict[str, Any]:
-            result, peak = common.run_isolated(run_ours, str(workspace), ours_config, args.window, args.threads)
+            result, peak = common.run_isolated(run_ours, str(workspace), ours_config, args.window, args.threads,
+                                               fused_lora)
             return {**result, "peak_rss": peak}
         return side
 
@@ -424,6 +430,8 @@ def main() -> int:
     sides["ours"] = ours(None)
     if args.ours_compiled:
         sides["ours_compiled"] = ours("on")
+    if args.ours_peft_layers:
+        sides["ours_peft_layers"] = ours(None, fused_lora=False)
     if args.sides:
         wanted = args.sides.split(",")
         unknown = set(wanted) - set(sides)

@@ -420,7 +420,7 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
     from peft import LoraConfig, get_peft_model
     from transformers import get_scheduler
 
-    from chatbot_trainer import lora_dropout
+    from chatbot_trainer import lora_dropout, lora_fused
 
     params = ctx.params
     train_dir = ctx.step_dir("train")
@@ -496,6 +496,8 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
     except ValueError as exc:
         raise InvalidConfig(f"LoRA cannot adapt this model: {exc}: check lora.targetModules") from exc
     lora_dropout.use_cheap_masks(model)
+    if device == "cpu" and lora_fused.enabled():
+        lora_fused.use_fused_lora(model)  # one autograd node per adapted layer (see lora_fused)
     if plan.train_base_weights:
         for param in model.parameters():
             param.requires_grad_(True)
