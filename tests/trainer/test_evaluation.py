@@ -242,3 +242,49 @@ def test_improvement_warning_wording():
     assert improvement_warning({"loss": 2.0, "accuracy": 0.5}, {"loss": 3.0, "accuracy": 0.4}) is None
     text = improvement_warning({"loss": 11.1, "accuracy": 0.002}, {"loss": 3.23, "accuracy": 0.38})
     assert "eval loss 11.1 vs 3.23" in text and "lower learningRate" in text
+
+
+# ---------------------------------------------------------------------------- the output layer's loss
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_linear_cross_entropy_gives_cross_entropy_and_its_gradients(chunk):
+    """Chunked, gradients taken in the forward pass: the same as cross_entropy on full logits,
+    including confident rows, where softmax - one_hot is tiny at the target."""
+    from chatbot_trainer.evaluation import linear_cross_entropy_sum
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(23, 16, generator=gen, dtype=torch.float64).float()
+    weight = torch.randn(40, 16, generator=gen) * 0.5
+    targets = torch.randint(0, 40, (23,), generator=gen)
+    weight[targets[:4]] += 3 * hidden[:4]  # rows 0-3 predict their target with p > 0.999
+    results = []
+    for fn in (lambda h, w: linear_cross_entropy_sum(h, w, targets, chunk),
+               lambda h, w: torch.nn.functional.cross_entropy(h @ w.t(), targets, reduction="sum")):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss = fn(h, w) * 0.5  # an incoming gradient other than 1
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    (loss, grad_h, grad_w), (ref_loss, ref_h, ref_w) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_h, ref_h, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad_w, ref_w, rtol=1e-4, atol=1e-6)
+    softmax = torch.softmax(hidden[:4] @ weight.t(), dim=-1)
+    assert softmax.gather(1, targets[:4, None]).min() > 0.999  # the confident rows are confident
+
+
+def test_linear_cross_entropy_under_bf16_autocast_keeps_confident_gradients():
+    from chatbot_trainer.evaluation import linear_cross_entropy_sum
+
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(32, 64, generator=gen)
+    weight = torch.randn(300, 64, generator=gen) * 0.3
+    targets = torch.randint(0, 300, (32,), generator=gen)
+    weight[targets] += 0.2 * hidden  # most rows confident: p(target) 0.9 to 0.9999
+    h_ref = hidden.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(h_ref @ weight.t(), targets, reduction="sum").backward()
+    h = hidden.to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear_cross_entropy_sum(h, weight.to(torch.bfloat16), targets, 8).backward()
+    cosine = torch.nn.functional.cosine_similarity(h.grad.float(), h_ref.grad, dim=-1)
+    assert cosine.min() > 0.9999, cosine  # row by row, confident rows included

@@ -65,7 +65,12 @@ def _linear_cross_entropy_class():
     class LinearCrossEntropySum(torch.autograd.Function):
         """sum_i CE(hidden_i @ weight.T, target_i), chunk by chunk; the gradients for hidden and
         weight are computed in the forward pass (the loss is the graph's end: the incoming
-        gradient is a scalar that only scales them), so no logits are kept for backward."""
+        gradient is a scalar that only scales them), so no logits are kept for backward.
+
+        Per chunk the (rows × vocabulary) logits are touched four times after the product: max,
+        subtract it and exponentiate (in place), row sums. The softmax's division by the row
+        sums is applied to the (rows × hidden) product instead:
+        d hidden = ((exps - sums · one_hot) @ weight) / sums, with exps = exp(logits - max)."""
 
         @staticmethod
         def forward(ctx, hidden, weight, targets, chunk):
@@ -76,17 +81,22 @@ def _linear_cross_entropy_class():
             for start in range(0, hidden.shape[0], chunk):
                 part, part_targets = hidden[start : start + chunk], targets[start : start + chunk]
                 logits = torch.nn.functional.linear(part, weight).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, part_targets[:, None]).squeeze(1)).sum()
+                target_logits = logits.gather(1, part_targets[:, None]).squeeze(1)
+                peak = logits.amax(dim=-1, keepdim=True)
+                exps = logits.sub_(peak).exp_()  # in place: the logits are not needed any more
+                sums = exps.sum(dim=-1)
+                total += (peak.squeeze(1) + sums.log() - target_logits).sum()
                 if need_hidden or need_weight:
-                    grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    # softmax - one_hot = (exps - sums at the targets) / sums; the subtraction
+                    # stays in float32 (it decides the gradient of confident predictions)
                     rows = torch.arange(part_targets.shape[0], device=part_targets.device)
-                    grad_logits[rows, part_targets] -= 1.0
-                    grad_logits = grad_logits.to(weight.dtype)  # (autocast casts the products)
+                    exps[rows, part_targets] -= sums
+                    inverse = sums.reciprocal()[:, None]
+                    exps = exps.to(weight.dtype)  # (autocast casts the products)
                     if need_hidden:
-                        grad_hidden[start : start + chunk] = grad_logits @ weight
+                        grad_hidden[start : start + chunk] = (exps @ weight).mul_(inverse)
                     if need_weight:
-                        grad_weight += (grad_logits.t() @ part).float()
+                        grad_weight += (exps.t() @ (part.float() * inverse).to(part.dtype)).float()
             ctx.save_for_backward(grad_hidden, grad_weight)
             ctx.weight_dtype = weight.dtype
             return total
