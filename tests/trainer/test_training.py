@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
+import gc
 import json
+import os
 import random
 from pathlib import Path
 
@@ -148,6 +149,7 @@ def test_preempted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     ctx = make_workspace(tmp_path / "split")
     stopped = train(ctx, stop_at_step=14)  # the pod dies after step 14; checkpoint-10 survives
     assert stopped["completed"] is False
+    assert gc.get_freeze_count() == 0  # the loop's frozen objects are collectable again
     assert [p.name for p in (tmp_path / "split" / "train" / "checkpoints").iterdir()] == ["checkpoint-10"]
     (tmp_path / "split" / "train" / "checkpoints" / ".tmp-checkpoint-20-999").mkdir()  # a half-written one
     resumed = train(ctx)
@@ -167,6 +169,7 @@ def test_preempted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
 
     # A finished run started again does no more steps and reports the same model.
     again = train(ctx)
+    assert gc.get_freeze_count() == 0
     assert again["steps_this_run"] == 0 and again["resumed_from"].endswith("checkpoint-30")
     assert again["final_loss"] == pytest.approx(expected["final_loss"], abs=1e-6)
 

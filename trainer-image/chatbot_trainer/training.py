@@ -22,6 +22,7 @@ The host only waits for the device at log and checkpoint steps (``.item()`` nowh
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -558,6 +559,10 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         total=params.training_steps, initial=step, disable=not (ctx.show_progress and ranks.is_main),
         desc="train", unit="step"
     )
+    # The model, data and tokenizer are millions of long-lived objects: keep the garbage
+    # collector's full passes from walking them at every step.
+    gc.collect()
+    gc.freeze()
     started = window_started = time.perf_counter()
     start_step = step
     while step < params.training_steps:
@@ -646,9 +651,11 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
                 ranks,
             )
         if stop_at_step is not None and step >= stop_at_step and step < params.training_steps:
+            gc.unfreeze()
             progress.close()
             monitor.close()
             return {"completed": False, "step": step, "resumed_from": resumed_from}
+    gc.unfreeze()
     progress.close()
     seconds = time.perf_counter() - started
     monitor.close()
