@@ -62,6 +62,28 @@ def test_the_real_base_was_dequantized_and_only_the_adapter_trained(run):
     assert len(details["samples"]) == 2 and all(row["fine_tuned"] and row["base"] for row in details["samples"])
 
 
+def test_packed_examples_stay_apart_in_bf16_on_thirty_layers(run, monkeypatch):
+    """precision: bf16 keeps packing: the probe's half-precision tolerance holds on the real model,
+    whose 30 bf16 layers drift between a packed and a lone example on CPUs without native bf16."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import chatbot_trainer.packing as packing
+
+    base_path = json.loads((run / "workspace" / "configure" / "result.json").read_text())["base_model_path"]
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16)
+    model.config.use_cache = False
+    assert packing.choose_attention_mode(model) == "segments"
+    packing.restore_attention(model)
+    original = packing.model_inputs
+
+    def leaky_inputs(batch, *args, **kwargs):  # a mask of ones: examples attend to each other
+        return {**original(batch, *args, **kwargs), "attention_mask": torch.ones_like(batch.input_ids)}
+
+    monkeypatch.setattr(packing, "model_inputs", leaky_inputs)
+    assert not packing.packing_isolated(model, "position_ids")  # a leak still fails the probe
+
+
 def test_k_quant_file_is_made_by_llama_cpp_and_reports_fallbacks(run):
     export = json.loads((run / "workspace" / "export" / "result.json").read_text())
     by_quant = {f["quantization"]: f for f in export["files"]}

@@ -411,7 +411,10 @@ def packing_isolated(model, attention_mode: str, tolerance: float | None = None)
         model.train(was_training)
     packed_h, alone_h = packed_h.float(), alone_h.float()
     if tolerance is None:
-        tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+        # Half precision drifts between a 12-token and a 5-token run through many layers:
+        # SmolLM2-135M in bf16 (30 layers) differs by 0.08 of the largest state, on a CPU
+        # without native bf16; an example that attends to another differs by more than 1.1.
+        tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.25
     scale = alone_h.abs().max().clamp_min(1.0)
     return bool(((packed_h - alone_h).abs().max() / scale) < tolerance)
 
