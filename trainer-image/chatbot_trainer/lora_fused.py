@@ -3,7 +3,7 @@
 peft's `lora.Linear` computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate
 operations: the adapter's (tokens × out_features) output is written, scaled into a second
 tensor and added into a third, and the backward pass walks the same chain, about ten autograd
-nodes per layer (210 per SmolLM2 forward). `FusedLoraLinear` does the same arithmetic as one
+nodes per layer (SmolLM2-135M has 210 such layers). The fused layer does the same arithmetic as one
 node:
 
 - forward: `y = x Wᵀ + b`, then `y += scaling · (dropout(x) Aᵀ) Bᵀ` in place (one `addmm_`,
