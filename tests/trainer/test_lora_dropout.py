@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from chatbot_trainer.lora_dropout import LANES, CheapMaskDropout, drop_threshold, keep_mask, use_cheap_masks
+from chatbot_trainer.lora_dropout import LANES, CheapMaskDropout, drop_threshold, keep_lanes, use_cheap_masks
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft on transformers 5
 
@@ -21,14 +21,14 @@ def test_threshold_rounds_p_to_a_multiple_of_one_lane_value():
 def test_every_lane_of_a_random_word_drops_at_rate_p(p):
     """Elements i, i+4, … share a lane position: a lane that never drops would show here."""
     torch.manual_seed(0)
-    keep = keep_mask(torch.Size([250_000, 4]), p)
+    keep = keep_lanes(torch.Size([250_000, 4]), p).bool()
     dropped = (~keep).double().mean(dim=0)
     assert torch.allclose(dropped, torch.full((4,), p, dtype=torch.float64), atol=0.003), dropped
 
 
 def test_odd_sizes_and_shapes():
-    mask = keep_mask(torch.Size([3, 7, 5]), 0.05)
-    assert mask.shape == (3, 7, 5) and mask.dtype == torch.bool
+    mask = keep_lanes(torch.Size([3, 7, 5]), 0.05)
+    assert mask.shape == (3, 7, 5) and mask.dtype == torch.uint8 and set(mask.unique().tolist()) <= {0, 1}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

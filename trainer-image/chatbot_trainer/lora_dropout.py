@@ -27,6 +27,11 @@ def drop_threshold(p: float) -> int:
     return round(p * LANES)
 
 
+def keep_scale(p: float) -> float:
+    """What kept elements are multiplied by: 1 / (1 - the drop probability `drop_threshold` gives)."""
+    return LANES / (LANES - drop_threshold(p))
+
+
 def random_words(count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """`count` uniformly random int64 words; on a CPU from SFC64 seeded by torch's generator."""
     if torch.device(device).type != "cpu":
@@ -48,11 +53,6 @@ def keep_lanes(shape: torch.Size, p: float, device: torch.device | str = "cpu") 
     return lanes.clamp(threshold - 1, threshold).sub_(threshold - 1).to(torch.uint8)
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The same draw as `keep_lanes`, as a bool tensor."""
-    return keep_lanes(shape, p, device).bool()
-
-
 class CheapMaskDropout(nn.Dropout):
     """`nn.Dropout` with masks drawn four per 64-bit random number on a CPU."""
 
@@ -61,7 +61,7 @@ class CheapMaskDropout(nn.Dropout):
         if not self.training or x.device.type != "cpu" or dropped in (0, LANES) or self.inplace:
             return super().forward(x)
         mask = keep_lanes(x.shape, self.p, x.device).to(x.dtype)
-        return (x * mask).mul_(LANES / (LANES - dropped))  # the scale in fp32 arithmetic, as nn.Dropout
+        return (x * mask).mul_(keep_scale(self.p))  # the scale in fp32 arithmetic, as nn.Dropout
 
 
 def use_cheap_masks(model: nn.Module) -> int:

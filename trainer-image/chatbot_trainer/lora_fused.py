@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatbot_trainer.lora_dropout import LANES, drop_threshold, keep_lanes
+from chatbot_trainer.lora_dropout import LANES, drop_threshold, keep_lanes, keep_scale
 
 
 class _LoraLinearFunction(torch.autograd.Function):
@@ -89,14 +89,14 @@ def _fused_forward(layer, x: torch.Tensor, *args, **kwargs):
     dropped = drop_threshold(p)
     if dropped >= LANES:
         return type(layer).peft_forward(layer, x, *args, **kwargs)
-    keep, keep_scale = None, 1.0
+    keep, scale = None, 1.0
     if dropped > 0:
         keep = keep_lanes(torch.Size((x.numel() // x.shape[-1], x.shape[-1])), p, x.device)
-        keep_scale = LANES / (LANES - dropped)
+        scale = keep_scale(p)
     base = layer.base_layer
     return _LoraLinearFunction.apply(
         x, base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
-        float(layer.scaling[adapter]), keep, keep_scale,
+        float(layer.scaling[adapter]), keep, scale,
     )
 
 
@@ -107,7 +107,7 @@ def _plain_adapter(layer) -> str | None:
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if len(active) != 1 or active[0] in layer.lora_variant:
         return None
-    if not isinstance(layer.base_layer, nn.Linear) or type(layer.base_layer) is not nn.Linear:
+    if type(layer.base_layer) is not nn.Linear:
         return None
     if layer.lora_A[active[0]].bias is not None or layer.lora_B[active[0]].bias is not None:
         return None
