@@ -11,6 +11,8 @@ import torch
 from chatbot_trainer.evaluation import token_loss_sums
 from chatbot_trainer.models import TINY_GPT, TINY_LLAMA, build_scratch_model, build_scratch_tokenizer
 from chatbot_trainer.packing import (
+    GROUP_ALLOWANCE,
+    GROUP_SLACK,
     SEGMENTS_ATTENTION,
     attn_implementation,
     build_sequences,
@@ -21,8 +23,9 @@ from chatbot_trainer.packing import (
     packing_isolated,
     packing_stats,
     padding_token_id,
-    SegmentLayoutArgs,
     restore_attention,
+    group_lengths,
+    layout_args,
     segment_layout,
     segments_sdpa_attention,
     set_attn_implementation,
@@ -126,10 +129,34 @@ def test_unpacked_batches_need_no_position_ids():
 
 def test_segment_layout_round_trips():
     segment_ids = np.array([[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 1]])
-    gather, slot, count, width = segment_layout(segment_ids)
-    assert count == 5 and width == 5
+    layout = segment_layout(segment_ids)
+    assert sum(count for count, _ in layout.groups) == 5
+    assert len(layout.gather) == sum(count * width for count, width in layout.groups)
     flat = np.arange(12)
-    assert (flat[gather][slot] == flat).all()
+    assert (flat[layout.gather][layout.slot] == flat).all()
+
+
+def test_segment_layout_groups_pieces_of_similar_length():
+    """One padded group of pieces of 44-212 tokens would attend over 2.25x the work they need."""
+    lengths = [212, 44, 135, 121, 3, 200]
+    segment_ids = np.repeat(np.arange(len(lengths)), lengths)[None]
+    layout = segment_layout(segment_ids)
+    padded = sum(count * width * width for count, width in layout.groups)
+    own = sum(n * n for n in lengths)
+    assert padded <= (1 + GROUP_SLACK) * own + len(layout.groups) * GROUP_ALLOWANCE
+    assert padded < 0.6 * len(lengths) * max(lengths) ** 2
+    assert layout.groups == ((2, 212), (2, 135), (2, 44))  # the 3-token piece rides with the 44
+    flat = np.arange(segment_ids.size)
+    assert (flat[layout.gather][layout.slot] == flat).all()
+
+
+def test_group_lengths_keeps_equal_pieces_together_and_splits_a_long_tail():
+    assert group_lengths([100, 100, 100, 100]) == [[0, 1, 2, 3]]
+    assert group_lengths([20, 10]) == [[0, 1]]  # short pieces ride along (fixed allowance)
+    assert group_lengths([256, 10]) == [[0], [1]]
+    groups = group_lengths([256, 128, 128, 128, 128])
+    assert groups == [[0], [1, 2, 3, 4]]
+    assert sorted(i for g in group_lengths(list(range(1, 300))) for i in g) == list(range(299))
 
 
 # ---------------------------------------------------------------------------- attention
@@ -178,8 +205,8 @@ def test_bf16_segments_attend_in_fp32_on_a_cpu_and_return_bf16(autocast, monkeyp
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     segment_ids = np.array([[0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1]])
-    gather, slot, count, width = segment_layout(segment_ids)
-    layout = SegmentLayoutArgs(gather=torch.as_tensor(gather).view(count, width), slot=torch.as_tensor(slot))
+    gather, slot, groups = segment_layout(segment_ids)
+    layout = layout_args(torch.as_tensor(gather), torch.as_tensor(slot), groups)
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, h, 12, 8) for h in (4, 2, 2))
     expected = []
