@@ -19,6 +19,11 @@ warm-up window: ours from its own ``train/metrics.jsonl`` (one record per window
 its own token counter (``_total_train_tokens``) read at the end of each step. Memory: peak
 RSS of the process (CPU), ``torch.cuda.max_memory_allocated`` (GPU).
 
+Matmul floor: after the sides, the decoder's linear layers are timed alone at their real shapes
+(forward and input gradient, one micro-batch of full rows): the tokens/s no LoRA trainer of
+this model can beat on the machine. Each side's tokens/s is reported as a share of it, which
+tells how much of a step is left to win besides the matrix products.
+
 CPU (default): the ``scratch-llama`` shape (~1M parameters), fp32.
 Real model, CPU: ``--model-shape smollm2-135m-real``: SmolLM2-135M-Instruct with its real
 weights and tokenizer (the offline GGUF copy the ``smollm`` preset uses, dequantized once).
@@ -180,6 +185,61 @@ def _cuda_peak(device: str) -> int | None:
 
     torch.cuda.synchronize()
     return int(torch.cuda.max_memory_allocated())
+
+
+def matmul_floor(base_dir: str, tokens: int, dtype: str, threads: int, device: str = "cpu",
+                 repeats: int = 7) -> dict[str, Any]:
+    """The products no LoRA trainer of this model can skip, timed alone on this machine.
+
+    Per micro-batch of ``tokens`` tokens: every linear layer of the decoder forward (x Wᵀ) and
+    its input gradient (g W), each timed as one product at its real shape (median of
+    ``repeats``). LoRA's own rank-r products, attention, elementwise work and the output layer
+    are left out, so ``decoder_tokens_per_s`` is an upper bound on any trainer's tokens/s here,
+    and a side's tokens/s over it is the share of its step spent in these products at this
+    machine's speed. The output layer is reported apart (``output_layer_ms_per_row``: forward
+    and input gradient of one row), since trainers differ in which rows they run through it.
+    """
+    common.set_quiet_env(threads)
+    import statistics
+    from collections import Counter
+
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    config = AutoConfig.from_pretrained(base_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    shapes = Counter((m.out_features, m.in_features) for m in model.modules()
+                     if isinstance(m, nn.Linear) and m is not head)
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+
+    def product_seconds(rows: int, out_features: int, in_features: int) -> float:
+        x = torch.randn(rows, in_features, dtype=torch_dtype, device=device)
+        w = torch.randn(out_features, in_features, dtype=torch_dtype, device=device)
+        g = torch.randn(rows, out_features, dtype=torch_dtype, device=device)
+        times = []
+        for _ in range(repeats + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            torch.mm(x, w.t())
+            torch.mm(g, w)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times[1:])
+
+    seconds = flops = 0.0
+    for (out_features, in_features), count in shapes.items():
+        seconds += count * product_seconds(tokens, out_features, in_features)
+        flops += count * 4 * tokens * out_features * in_features
+    head_rows = min(tokens, 512)
+    head_seconds = product_seconds(head_rows, head.out_features, head.in_features)
+    return {"tokens": tokens, "decoder_tokens_per_s": tokens / seconds, "gflop_per_s": flops / seconds / 1e9,
+            "output_layer_ms_per_row": head_seconds / head_rows * 1e3}
 
 
 # ------------------------------------------------------------------------------ the two sides
@@ -439,6 +499,9 @@ def main() -> int:
             raise SystemExit(f"unknown sides {sorted(unknown)}; choose from {sorted(sides)}")
         sides = {name: side for name, side in sides.items() if name in wanted}
     runs = common.alternate(sides, args.repeats)
+    # the unavoidable products of one micro-batch of full rows, timed after the sides (same machine state)
+    floor, _ = common.run_isolated(matmul_floor, str(base_dir), args.micro_batch_size * args.max_seq_length,
+                                   dtype, args.threads, args.device)
 
     summary: dict[str, dict[str, Any]] = {}
     for name, results in runs.items():
@@ -478,6 +541,12 @@ def main() -> int:
     print()
     for key, value in ratios.items():
         print(f"tokens/s ratio {key}: {value:.2f}x   ({memory_key} ratio {memory_ratios[key]:.2f})")
+    for name, s in summary.items():
+        s["share_of_matmul_floor"] = s["tokens_per_s"] / floor["decoder_tokens_per_s"]
+    print(f"matmul floor: the decoder's linear layers (forward + input gradient) alone at "
+          f"{floor['gflop_per_s']:.1f} GFLOP/s allow {floor['decoder_tokens_per_s']:.1f} tokens/s; the output layer "
+          f"adds {floor['output_layer_ms_per_row']:.2f} ms per row it runs on; each side's tokens/s as a share of "
+          f"that bound: " + ", ".join(f"{name} {s['share_of_matmul_floor']:.0%}" for name, s in summary.items()))
     if best_trl:
         print(f"fastest TRL side: {best_trl}; ours vs it: {ratios[f'ours_vs_{best_trl}']:.2f}x tokens/s at "
               f"{memory_ratios[f'ours_vs_{best_trl}']:.2f}x {memory_key}")
@@ -496,6 +565,7 @@ def main() -> int:
         "summary": summary,
         "ratios_tokens_per_s": ratios,
         "fastest_trl": best_trl,
+        "matmul_floor": floor,
         f"ratios_{memory_key}": memory_ratios,
         "runs": runs,
     }
