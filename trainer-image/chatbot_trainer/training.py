@@ -651,14 +651,13 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
                 ranks,
             )
         if stop_at_step is not None and step >= stop_at_step and step < params.training_steps:
-            gc.unfreeze()
-            progress.close()
-            monitor.close()
-            return {"completed": False, "step": step, "resumed_from": resumed_from}
+            break
     gc.unfreeze()
     progress.close()
     seconds = time.perf_counter() - started
     monitor.close()
+    if step < params.training_steps:  # stopped at stop_at_step
+        return {"completed": False, "step": step, "resumed_from": resumed_from}
     restore_attention(model)
     final_loss = metrics_log.records[-1]["loss"] if metrics_log.records else None
 
