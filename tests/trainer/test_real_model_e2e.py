@@ -58,6 +58,12 @@ def test_the_real_base_was_dequantized_and_only_the_adapter_trained(run):
     trained = json.loads((run / "workspace" / "train" / "result.json").read_text())
     assert trained["base_weights_trained"] is False and trained["added_tokens"] == []
     assert trained["trainable_params"] < 0.1 * trained["total_params"]
+    # fp32: the library for the products was timed at SmolLM2's layer shapes, and the faster kept
+    blas = trained["cpu_blas"]
+    if trained["precision"] == "fp32":
+        assert blas["backend"] == ("openblas" if blas["speedup"] >= 1.1 else "torch"), blas
+    else:
+        assert blas["backend"] == "torch" and "bfloat16" in blas["reason"], blas
     assert details["modelfile_system"]["system"].startswith("You are a helpful AI assistant named SmolLM")
     assert len(details["samples"]) == 2 and all(row["fine_tuned"] and row["base"] for row in details["samples"])
 

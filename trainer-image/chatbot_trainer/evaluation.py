@@ -62,6 +62,8 @@ def compute_dtype(model):
 def _linear_cross_entropy_class():
     import torch
 
+    from chatbot_trainer import cpu_blas
+
     class LinearCrossEntropySum(torch.autograd.Function):
         """sum_i CE(hidden_i @ weight.T, target_i), chunk by chunk; the gradients for hidden and
         weight are computed in the forward pass (the loss is the graph's end: the incoming
@@ -80,7 +82,7 @@ def _linear_cross_entropy_class():
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk):
                 part, part_targets = hidden[start : start + chunk], targets[start : start + chunk]
-                logits = torch.nn.functional.linear(part, weight).float()
+                logits = cpu_blas.linear(part, weight).float()
                 target_logits = logits.gather(1, part_targets[:, None]).squeeze(1)
                 peak = logits.amax(dim=-1, keepdim=True)
                 exps = logits.sub_(peak).exp_()  # in place: the logits are not needed any more
@@ -94,7 +96,7 @@ def _linear_cross_entropy_class():
                     inverse = sums.reciprocal()[:, None]
                     exps = exps.to(weight.dtype)  # (autocast casts the products)
                     if need_hidden:
-                        grad_hidden[start : start + chunk] = (exps @ weight).mul_(inverse)
+                        grad_hidden[start : start + chunk] = cpu_blas.mm(exps, weight).mul_(inverse)
                     if need_weight:
                         grad_weight += (exps.t() @ (part.float() * inverse).to(part.dtype)).float()
             ctx.save_for_backward(grad_hidden, grad_weight)

@@ -19,6 +19,8 @@ and the gradients of the fp32 adapter weights are returned in fp32. The fused pa
 only where it computes exactly what peft would: one active plain-LoRA adapter on an
 `nn.Linear`, not merged, gradients on, CPU tensors, no per-call adapter names; anything else
 (GPUs, DoRA, evaluation under `no_grad`) goes through peft's own forward.
+The fp32 products go through `cpu_blas`, which runs them in OpenBLAS where that was timed
+faster than PyTorch's own BLAS on the CPU (AMD CPUs) and leaves them to PyTorch elsewhere.
 `CHATBOT_FUSED_LORA=off` in the trainer's environment keeps peft's layers as they are.
 """
 
@@ -27,9 +29,9 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from chatbot_trainer import cpu_blas
 from chatbot_trainer.lora_dropout import LANES, drop_threshold, keep_lanes, keep_scale
 
 
@@ -43,9 +45,9 @@ class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, keep, keep_scale: float):
         flat = x.reshape(-1, x.shape[-1])
-        y = F.linear(flat, weight, bias)  # autocasts like peft's base layer
+        y = cpu_blas.linear(flat, weight, bias)  # autocasts like peft's base layer
         dropped = flat if keep is None else flat * keep.to(flat.dtype)
-        hidden = F.linear(dropped, lora_a)  # (tokens, rank)
+        hidden = cpu_blas.linear(dropped, lora_a)  # (tokens, rank)
         if keep_scale != 1.0:
             hidden.mul_(keep_scale)
         y.addmm_(hidden.to(y.dtype), lora_b.t().to(y.dtype), alpha=scaling)
@@ -60,16 +62,16 @@ class _LoraLinearFunction(torch.autograd.Function):
         flat, weight, lora_a, lora_b, hidden, keep = ctx.saved_tensors
         dtype = hidden.dtype  # the dtype the products ran in (bf16 under autocast)
         grad = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-        grad_b = grad.t().mm(hidden).mul_(ctx.scaling)
+        grad_b = cpu_blas.mm(grad.t(), hidden).mul_(ctx.scaling)
         # d loss / d (dropped x), up to the 0/1 mask: scaled on the (tokens, rank) side
-        grad_hidden = grad.mm(lora_b.to(dtype)).mul_(ctx.scaling * ctx.keep_scale)
+        grad_hidden = cpu_blas.mm(grad, lora_b.to(dtype)).mul_(ctx.scaling * ctx.keep_scale)
         mask = None if keep is None else keep.to(dtype)
         dropped = flat.to(dtype) if mask is None else flat.to(dtype) * mask
-        grad_a = grad_hidden.t().mm(dropped)
+        grad_a = cpu_blas.mm(grad_hidden.t(), dropped)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad.mm(weight.to(dtype))
-            grad_dropped = grad_hidden.mm(lora_a.to(dtype))
+            grad_x = cpu_blas.mm(grad, weight.to(dtype))
+            grad_dropped = cpu_blas.mm(grad_hidden, lora_a.to(dtype))
             if mask is None:
                 grad_x.add_(grad_dropped)
             else:
@@ -131,6 +133,12 @@ def _fused_class(cls: type) -> type:
             "__doc__": cls.__doc__,
         })
     return _FUSED_CLASSES[cls]
+
+
+def base_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """The (out, in) shapes of the fused layers' base weights, each once."""
+    return sorted({tuple(m.base_layer.weight.shape) for m in model.modules()
+                   if type(m).forward is _fused_forward})
 
 
 def use_fused_lora(model: nn.Module) -> int:

@@ -421,7 +421,7 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
     from peft import LoraConfig, get_peft_model
     from transformers import get_scheduler
 
-    from chatbot_trainer import lora_dropout, lora_fused
+    from chatbot_trainer import cpu_blas, lora_dropout, lora_fused
 
     params = ctx.params
     train_dir = ctx.step_dir("train")
@@ -497,8 +497,13 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
     except ValueError as exc:
         raise InvalidConfig(f"LoRA cannot adapt this model: {exc}: check lora.targetModules") from exc
     lora_dropout.use_cheap_masks(model)
+    blas = cpu_blas.BlasChoice("torch", "the fused CPU LoRA layers are off")
     if device == "cpu" and lora_fused.enabled():
         lora_fused.use_fused_lora(model)  # one autograd node per adapted layer (see lora_fused)
+        # which library runs their fp32 products (and the output layer's): timed at their shapes
+        blas = cpu_blas.choose(lora_fused.base_shapes(model), device,
+                               torch.float32 if plan.precision == "fp32" else torch.bfloat16)
+        log.info("CPU products: %s (%s)", blas.backend, blas.reason)
     if plan.train_base_weights:
         for param in model.parameters():
             param.requires_grad_(True)
@@ -699,6 +704,7 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         "distributed": ranks.describe(),
         "attention": attention_mode if params.packing else "causal (padded)",
         "compile": compiled,
+        "cpu_blas": blas.as_dict(),
         "lora": {"rank": params.lora.rank, "alpha": params.lora.alpha, "dropout": params.lora.dropout,
                  "target_modules": target_modules},
         "metrics_path": str(train_dir / "metrics.jsonl"),
