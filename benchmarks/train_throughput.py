@@ -29,7 +29,8 @@ Real model, CPU: ``--model-shape smollm2-135m-real``: SmolLM2-135M-Instruct with
 weights and tokenizer (the offline GGUF copy the ``smollm`` preset uses, dequantized once).
 There ours runs with the product's defaults (micro-batch from the CPU token budget, eager;
 ``--ours-compiled`` adds the same run with ``compile: on``, ``--ours-peft-layers`` the same run
-with peft's own LoRA layers instead of the fused CPU ones), TRL with ``--micro-batch-size`` and
+with peft's own LoRA layers instead of the fused CPU ones, ``--ours-torch-blas`` the same run with
+every product in PyTorch's own BLAS instead of the one the trainer times as faster), TRL with ``--micro-batch-size`` and
 gradient checkpointing off and, with ``--trl-gradient-checkpointing both``, also on (TRL's
 default). ``--dtype bf16`` trains ours in bf16 autocast on a CPU too (what ``precision: auto``
 picks on CPUs with avx512_bf16 or AMX); ``--trl-dtypes fp32,bf16`` measures TRL in both
@@ -198,11 +199,15 @@ def matmul_floor(base_dir: str, tokens: int, dtype: str, threads: int, device: s
     and a side's tokens/s over it is the share of its step spent in these products at this
     machine's speed. The output layer is reported apart (``output_layer_ms_per_row``: forward
     and input gradient of one row), since trainers differ in which rows they run through it.
+    On a CPU in fp32 the products are timed with PyTorch's BLAS and with NumPy's OpenBLAS (the
+    two libraries the trainer chooses between); the bound is the faster one's
+    (``by_library`` has both).
     """
     common.set_quiet_env(threads)
     import statistics
     from collections import Counter
 
+    import numpy as np
     import torch
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -215,8 +220,14 @@ def matmul_floor(base_dir: str, tokens: int, dtype: str, threads: int, device: s
     shapes = Counter((m.out_features, m.in_features) for m in model.modules()
                      if isinstance(m, nn.Linear) and m is not head)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    libraries = {"torch": lambda a, b: torch.mm(a, b)}
+    if device == "cpu" and torch_dtype == torch.float32:
+        from threadpoolctl import ThreadpoolController
 
-    def product_seconds(rows: int, out_features: int, in_features: int) -> float:
+        ThreadpoolController().select(internal_api="openblas").limit(limits=threads)
+        libraries["openblas"] = lambda a, b: np.matmul(a.numpy(), b.numpy())
+
+    def product_seconds(product, rows: int, out_features: int, in_features: int) -> float:
         x = torch.randn(rows, in_features, dtype=torch_dtype, device=device)
         w = torch.randn(out_features, in_features, dtype=torch_dtype, device=device)
         g = torch.randn(rows, out_features, dtype=torch_dtype, device=device)
@@ -225,30 +236,34 @@ def matmul_floor(base_dir: str, tokens: int, dtype: str, threads: int, device: s
             if device == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            torch.mm(x, w.t())
-            torch.mm(g, w)
+            product(x, w.t())
+            product(g, w)
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
         return statistics.median(times[1:])
 
-    seconds = flops = 0.0
-    for (out_features, in_features), count in shapes.items():
-        seconds += count * product_seconds(tokens, out_features, in_features)
-        flops += count * 4 * tokens * out_features * in_features
-    head_rows = min(tokens, 512)
-    head_seconds = product_seconds(head_rows, head.out_features, head.in_features)
-    return {"tokens": tokens, "decoder_tokens_per_s": tokens / seconds, "gflop_per_s": flops / seconds / 1e9,
-            "output_layer_ms_per_row": head_seconds / head_rows * 1e3}
+    by_library = {}
+    for library, product in libraries.items():
+        seconds = flops = 0.0
+        for (out_features, in_features), count in shapes.items():
+            seconds += count * product_seconds(product, tokens, out_features, in_features)
+            flops += count * 4 * tokens * out_features * in_features
+        head_rows = min(tokens, 512)
+        head_seconds = product_seconds(product, head_rows, head.out_features, head.in_features)
+        by_library[library] = {"decoder_tokens_per_s": tokens / seconds, "gflop_per_s": flops / seconds / 1e9,
+                               "output_layer_ms_per_row": head_seconds / head_rows * 1e3}
+    fastest = max(by_library, key=lambda library: by_library[library]["decoder_tokens_per_s"])
+    return {"tokens": tokens, "library": fastest, **by_library[fastest], "by_library": by_library}
 
 
 # ------------------------------------------------------------------------------ the two sides
 
 
 def run_ours(workspace: str, config: dict[str, Any], window: int, threads: int,
-             fused_lora: bool = True) -> dict[str, Any]:
+             env: dict[str, str] | None = None) -> dict[str, Any]:
     common.set_quiet_env(threads)
-    os.environ["CHATBOT_FUSED_LORA"] = "on" if fused_lora else "off"
+    os.environ.update(env or {})
     import torch
 
     torch.set_num_threads(threads)
@@ -282,6 +297,7 @@ def run_ours(workspace: str, config: dict[str, Any], window: int, threads: int,
         "fill_ratio": result["data"]["fill_ratio"],
         "attention": result["attention"],
         "compile": result.get("compile"),
+        "cpu_blas": result.get("cpu_blas"),
         "micro_batch_size": result["micro_batch_size"],
         "first_window_tokens_per_s": records[0]["tokens_per_second"] if records else None,
         "final_loss": result["final_loss"],
@@ -407,6 +423,8 @@ def main() -> int:
                         help="also run ours with compile: on (decoder layers through torch.compile)")
     parser.add_argument("--ours-peft-layers", action="store_true",
                         help="also run ours with peft's own LoRA layers (CHATBOT_FUSED_LORA=off)")
+    parser.add_argument("--ours-torch-blas", action="store_true",
+                        help="add ours with every CPU product in PyTorch's BLAS (CHATBOT_CPU_BLAS=torch)")
     parser.add_argument("--sides", help="comma-separated side names to run (e.g. ours): a before/after of ours "
                                          "without the baselines")
     parser.add_argument("--workdir", help="where data, model and workspace go (default: a temporary directory)")
@@ -458,14 +476,14 @@ def main() -> int:
     train_file = str(workspace / "prepare" / "train.jsonl")
     print(f"model {model_info}; {plan['train']} training conversations; plan {plan}", flush=True)
 
-    def ours(compile_mode: str | None, fused_lora: bool = True):
+    def ours(compile_mode: str | None, env: dict[str, str] | None = None):
         ours_config = {**config, "compile": compile_mode} if compile_mode else config
         if real:  # ours sizes its own micro-batches; TRL keeps --micro-batch-size
             ours_config = {k: v for k, v in ours_config.items() if k != "microBatchSize"}
 
         def side(_: int) -> dict[str, Any]:
             result, peak = common.run_isolated(run_ours, str(workspace), ours_config, args.window, args.threads,
-                                               fused_lora)
+                                               env)
             return {**result, "peak_rss": peak}
         return side
 
@@ -491,7 +509,9 @@ def main() -> int:
     if args.ours_compiled:
         sides["ours_compiled"] = ours("on")
     if args.ours_peft_layers:
-        sides["ours_peft_layers"] = ours(None, fused_lora=False)
+        sides["ours_peft_layers"] = ours(None, {"CHATBOT_FUSED_LORA": "off"})
+    if args.ours_torch_blas:
+        sides["ours_torch_blas"] = ours(None, {"CHATBOT_CPU_BLAS": "torch"})
     if args.sides:
         wanted = args.sides.split(",")
         unknown = set(wanted) - set(sides)
@@ -543,8 +563,9 @@ def main() -> int:
         print(f"tokens/s ratio {key}: {value:.2f}x   ({memory_key} ratio {memory_ratios[key]:.2f})")
     for name, s in summary.items():
         s["share_of_matmul_floor"] = s["tokens_per_s"] / floor["decoder_tokens_per_s"]
+    libraries = ", ".join(f"{library} {v['gflop_per_s']:.1f}" for library, v in floor["by_library"].items())
     print(f"matmul floor: the decoder's linear layers (forward + input gradient) alone at "
-          f"{floor['gflop_per_s']:.1f} GFLOP/s allow {floor['decoder_tokens_per_s']:.1f} tokens/s; the output layer "
+          f"{floor['gflop_per_s']:.1f} GFLOP/s ({floor['library']}; GFLOP/s by library: {libraries}) allow {floor['decoder_tokens_per_s']:.1f} tokens/s; the output layer "
           f"adds {floor['output_layer_ms_per_row']:.2f} ms per row it runs on; each side's tokens/s as a share of "
           f"that bound: " + ", ".join(f"{name} {s['share_of_matmul_floor']:.0%}" for name, s in summary.items()))
     if best_trl:
