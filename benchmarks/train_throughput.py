@@ -30,8 +30,8 @@ weights and tokenizer (the offline GGUF copy the ``smollm`` preset uses, dequant
 There ours runs with the product's defaults (micro-batch from the CPU token budget, eager;
 ``--ours-compiled`` adds the same run with ``compile: on``, ``--ours-peft-layers`` the same run
 with peft's own LoRA layers instead of the fused CPU ones, ``--ours-torch-blas`` the same run with
-every product in PyTorch's own BLAS instead of the one the trainer times as faster), TRL with ``--micro-batch-size`` and
-gradient checkpointing off and, with ``--trl-gradient-checkpointing both``, also on (TRL's
+every product in PyTorch's own BLAS instead of the one the trainer times as faster), TRL with
+``--micro-batch-size`` and gradient checkpointing off and, with ``--trl-gradient-checkpointing both``, also on (TRL's
 default). ``--dtype bf16`` trains ours in bf16 autocast on a CPU too (what ``precision: auto``
 picks on CPUs with avx512_bf16 or AMX); ``--trl-dtypes fp32,bf16`` measures TRL in both
 precisions (bf16: the model loaded in bf16 and ``bf16=True``), each as its own side, so the
@@ -207,10 +207,11 @@ def matmul_floor(base_dir: str, tokens: int, dtype: str, threads: int, device: s
     import statistics
     from collections import Counter
 
-    import numpy as np
     import torch
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from chatbot_trainer import cpu_blas
 
     torch.set_num_threads(threads)
     config = AutoConfig.from_pretrained(base_dir)
@@ -221,11 +222,8 @@ def matmul_floor(base_dir: str, tokens: int, dtype: str, threads: int, device: s
                      if isinstance(m, nn.Linear) and m is not head)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     libraries = {"torch": lambda a, b: torch.mm(a, b)}
-    if device == "cpu" and torch_dtype == torch.float32:
-        from threadpoolctl import ThreadpoolController
-
-        ThreadpoolController().select(internal_api="openblas").limit(limits=threads)
-        libraries["openblas"] = lambda a, b: np.matmul(a.numpy(), b.numpy())
+    if device == "cpu" and torch_dtype == torch.float32 and cpu_blas.set_openblas_threads(threads):
+        libraries["openblas"] = cpu_blas.openblas_mm
 
     def product_seconds(product, rows: int, out_features: int, in_features: int) -> float:
         x = torch.randn(rows, in_features, dtype=torch_dtype, device=device)
@@ -565,8 +563,8 @@ def main() -> int:
         s["share_of_matmul_floor"] = s["tokens_per_s"] / floor["decoder_tokens_per_s"]
     libraries = ", ".join(f"{library} {v['gflop_per_s']:.1f}" for library, v in floor["by_library"].items())
     print(f"matmul floor: the decoder's linear layers (forward + input gradient) alone at "
-          f"{floor['gflop_per_s']:.1f} GFLOP/s ({floor['library']}; GFLOP/s by library: {libraries}) allow {floor['decoder_tokens_per_s']:.1f} tokens/s; the output layer "
-          f"adds {floor['output_layer_ms_per_row']:.2f} ms per row it runs on; each side's tokens/s as a share of "
+          f"{floor['gflop_per_s']:.1f} GFLOP/s ({floor['library']}; GFLOP/s by library: {libraries}) allow "
+          f"{floor['decoder_tokens_per_s']:.1f} tokens/s; the output layer adds {floor['output_layer_ms_per_row']:.2f} ms per row it runs on; each side's tokens/s as a share of "
           f"that bound: " + ", ".join(f"{name} {s['share_of_matmul_floor']:.0%}" for name, s in summary.items()))
     if best_trl:
         print(f"fastest TRL side: {best_trl}; ours vs it: {ratios[f'ours_vs_{best_trl}']:.2f}x tokens/s at "

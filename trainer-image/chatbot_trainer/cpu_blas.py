@@ -11,9 +11,10 @@ choice decides most of a CPU step's time.
 count training uses, each product followed by elementwise work as in a step, and keeps
 OpenBLAS only where it is clearly faster. On one thread of that EPYC it is (1.2-1.4x); on
 several threads OpenBLAS's spinning workers and PyTorch's OpenMP threads fight over the cores
-(0.5x on 2 threads) and PyTorch keeps the products, as it does where MKL is the faster library. `linear` and `mm` then run the fp32 products of the fused
-LoRA layers and of the output layer through the chosen library: NumPy views of the tensors'
-memory (no copy) and a tensor view of the result. Anything else (autocast, half precision,
+(0.5x on 2 threads) and PyTorch keeps the products, as it does where MKL is the faster
+library. `linear` and `mm` then run the fp32 products of the fused LoRA layers and of the
+output layer through the chosen library: NumPy views of the tensors' memory (no copy) and a
+tensor view of the result. Anything else (autocast, half precision,
 GPUs, layouts a BLAS cannot take without a copy) stays with PyTorch. `CHATBOT_CPU_BLAS=torch`
 (or `openblas`) in the trainer's environment skips the timing and fixes the choice.
 """
@@ -85,26 +86,23 @@ def _routed(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _numpy(t: torch.Tensor):
-    return t.detach().numpy()
+def openblas_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in NumPy's OpenBLAS: NumPy views of the operands, a tensor view of the result."""
+    import numpy as np
+
+    return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy()))
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b (2-D)."""
-    if not _routed(a, b):
-        return a.mm(b)
-    import numpy as np
-
-    return torch.from_numpy(np.matmul(_numpy(a), _numpy(b)))
+    return openblas_mm(a, b) if _routed(a, b) else a.mm(b)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias, x 2-D (what F.linear computes)."""
     if not _routed(x, weight) or (bias is not None and bias.dtype != torch.float32):
         return F.linear(x, weight, bias)
-    import numpy as np
-
-    out = torch.from_numpy(np.matmul(_numpy(x), _numpy(weight).T))
+    out = openblas_mm(x, weight.t())
     if bias is not None:
         out.add_(bias)
     return out
@@ -113,7 +111,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # ------------------------------------------------------------------------------ the choice
 
 
-def _openblas_threads(threads: int) -> bool:
+def set_openblas_threads(threads: int) -> bool:
     """Give NumPy's OpenBLAS the thread count PyTorch trains with; False if there is none."""
     try:
         from threadpoolctl import ThreadpoolController
@@ -147,8 +145,6 @@ def _time_backends(shapes: list[tuple[int, int]], threads: int) -> tuple[float, 
     OpenMP threads then compete with them for the cores (measured on 2 threads: products alone
     1.2x faster through OpenBLAS, products and elementwise work together 1.4x slower); timing
     the pair catches that."""
-    import numpy as np
-
     generator = torch.Generator().manual_seed(0)
     rows = min(PROBE_ROWS * max(1, threads), 4 * PROBE_ROWS)
     operands = []
@@ -165,8 +161,8 @@ def _time_backends(shapes: list[tuple[int, int]], threads: int) -> tuple[float, 
 
     def with_openblas():
         for x, w, g in operands:
-            torch.from_numpy(np.matmul(x.numpy(), w.numpy().T)).mul_(0.5)
-            torch.from_numpy(np.matmul(g.numpy(), w.numpy())).mul_(0.5)
+            openblas_mm(x, w.t()).mul_(0.5)
+            openblas_mm(g, w).mul_(0.5)
 
     torch_s, openblas_s = [], []
     for _ in range(2):
@@ -188,7 +184,7 @@ def choose(shapes: list[tuple[int, int]], device_type: str, dtype: torch.dtype) 
         choice = BlasChoice("torch", "CHATBOT_CPU_BLAS=torch")
     elif forced == "auto" and max((o * i for o, i in shapes), default=0) < MIN_LAYER_WEIGHTS:
         choice = BlasChoice("torch", f"layers under {MIN_LAYER_WEIGHTS} weights: not worth timing")
-    elif not _openblas_threads(threads):
+    elif not set_openblas_threads(threads):
         choice = BlasChoice("torch", "no OpenBLAS found (NumPy's wheels bundle it; threadpoolctl sets its threads)")
     elif forced == "openblas":
         choice = BlasChoice("openblas", "CHATBOT_CPU_BLAS=openblas", threads=threads)

@@ -497,13 +497,15 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
     except ValueError as exc:
         raise InvalidConfig(f"LoRA cannot adapt this model: {exc}: check lora.targetModules") from exc
     lora_dropout.use_cheap_masks(model)
-    blas = cpu_blas.BlasChoice("torch", "the fused CPU LoRA layers are off")
     if device == "cpu" and lora_fused.enabled():
         lora_fused.use_fused_lora(model)  # one autograd node per adapted layer (see lora_fused)
         # which library runs their fp32 products (and the output layer's): timed at their shapes
-        blas = cpu_blas.choose(lora_fused.base_shapes(model), device,
-                               torch.float32 if plan.precision == "fp32" else torch.bfloat16)
-        log.info("CPU products: %s (%s)", blas.backend, blas.reason)
+        products_dtype = torch.float32 if plan.precision == "fp32" else half
+        blas = cpu_blas.choose(lora_fused.base_shapes(model), device, products_dtype)
+    else:  # PyTorch's products, whatever an earlier run in this process chose
+        blas = cpu_blas.BlasChoice("torch", f"on {device}" if device != "cpu" else "CHATBOT_FUSED_LORA=off")
+        cpu_blas.activate(blas)
+    log.info("matrix products: %s (%s)", blas.backend, blas.reason)
     if plan.train_base_weights:
         for param in model.parameters():
             param.requires_grad_(True)
