@@ -122,6 +122,23 @@ def test_collate_loss_positions_are_the_shifted_labels():
             assert (batch.labels[row, n:] == IGNORE_INDEX).all()
 
 
+def test_a_flat_batch_is_the_rows_one_after_another_without_padding():
+    sequences = build_sequences(fake_examples(12, seed=4), 80, packing=True)[:3]
+    rows = collate(sequences, pad_token_id=0)
+    flat = collate(sequences, pad_token_id=0, flat=True)
+    total = sum(len(s["input_ids"]) for s in sequences)
+    assert total < rows.input_ids.numel()  # the rows carry padding
+    assert flat.input_ids.shape == (1, total)
+    assert flat.num_tokens == rows.num_tokens == total
+    assert flat.num_label_tokens == rows.num_label_tokens
+    assert flat.input_ids[0].tolist() == [t for s in sequences for t in s["input_ids"].tolist()]
+    assert flat.position_ids[0].tolist() == [t for s in sequences for t in s["position_ids"].tolist()]
+    # the same label tokens, and never a prediction across two sequences' examples
+    assert sorted(flat.loss_targets.tolist()) == sorted(rows.loss_targets.tolist())
+    assert int(flat.segment_ids.max()) + 1 == sum(int((s["position_ids"] == 0).sum()) for s in sequences)
+    assert sum(count for count, _ in flat.segment_groups) == int(flat.segment_ids.max()) + 1
+
+
 def test_unpacked_batches_need_no_position_ids():
     batch = collate(build_sequences(fake_examples(4), 64, packing=False), pad_token_id=0, packed=False)
     assert batch.position_ids is None and batch.segment_ids is None and batch.segment_gather is None
@@ -285,3 +302,25 @@ def test_training_loss_and_gradients_match_unpacked(model):
     assert loss_p == pytest.approx(loss_u, rel=1e-5)
     torch.testing.assert_close(grad_p, grad_u, atol=1e-6, rtol=1e-4)
     model.zero_grad(set_to_none=True)
+
+
+def test_flat_batches_train_exactly_as_padded_rows(model):
+    """The segments attention on one flat row: the same summed loss and gradients as the rows."""
+    examples = fake_examples(10, seed=6, max_len=40)
+    sequences = build_sequences(examples, 64, packing=True)
+    assert len({len(s["input_ids"]) for s in sequences}) > 1  # the rows carry padding
+    choose_attention_mode(model)
+    results = []
+    try:
+        for flat in (False, True):
+            model.zero_grad(set_to_none=True)
+            batch = collate(sequences, pad_token_id=model.config.pad_token_id, packed=True, flat=flat)
+            loss = token_loss_sums(model, batch, attention_mode="segments")
+            (loss / batch.num_label_tokens).backward()
+            results.append((loss.item(), model.get_input_embeddings().weight.grad.clone()))
+    finally:
+        restore_attention(model)
+        model.zero_grad(set_to_none=True)
+    (loss_rows, grad_rows), (loss_flat, grad_flat) = results
+    assert loss_flat == pytest.approx(loss_rows, rel=1e-5)
+    torch.testing.assert_close(grad_flat, grad_rows, atol=1e-6, rtol=1e-4)

@@ -131,6 +131,8 @@ def test_loss_falls_and_the_step_reports_it(tmp_path, preset):
     assert result["tokenization"]["kept"] == 160
     # layers this small keep PyTorch's products without timing the two libraries
     assert result["cpu_blas"]["backend"] == "torch" and "not worth timing" in result["cpu_blas"]["reason"]
+    # packed rows of the segments attention go in as one row per micro-batch, without padding
+    assert result["attention"] == "segments" and result["padding_free"] is True
     assert result["base_model_path_for_adapter"] == str(tmp_path / "train" / "base")
     assert (tmp_path / "train" / "adapter" / "adapter_config.json").is_file()
     metrics = read_metrics(ctx)

@@ -552,6 +552,9 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
     # 6. The loop.
     batch_size, micro = params.batch_size, plan.micro_batch_size
     pad_id = tokenizer.pad_token_id
+    # The segments attention works per example: a micro-batch's packed rows then go in as one
+    # row without the padding between them (see packing.collate).
+    padding_free = params.packing and attention_mode == "segments"
     pin = device == "cuda"
     window_loss = torch.zeros((), dtype=torch.float64, device=device)
     window_label_tokens = window_tokens = 0
@@ -577,7 +580,8 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         consumed += batch_size
         indices = distributed.shard(indices, ranks)  # this rank's share of the global batch
         batches = [
-            collate([sequences[i] for i in indices[j : j + micro]], pad_token_id=pad_id, packed=params.packing)
+            collate([sequences[i] for i in indices[j : j + micro]], pad_token_id=pad_id, packed=params.packing,
+                    flat=padding_free)
             for j in range(0, len(indices), micro)
         ]
         step_label_tokens, step_tokens = distributed.global_counts(
@@ -705,6 +709,7 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         "gradient_accumulation_steps": math.ceil(batch_size / ranks.world_size / micro),
         "distributed": ranks.describe(),
         "attention": attention_mode if params.packing else "causal (padded)",
+        "padding_free": padding_free,
         "compile": compiled,
         "cpu_blas": blas.as_dict(),
         "lora": {"rank": params.lora.rank, "alpha": params.lora.alpha, "dropout": params.lora.dropout,
