@@ -171,10 +171,22 @@ def _time_backends(shapes: list[tuple[int, int]], threads: int) -> tuple[float, 
     return min(torch_s), min(openblas_s)
 
 
-def choose(shapes: list[tuple[int, int]], device_type: str, dtype: torch.dtype) -> BlasChoice:
+def choose(shapes: list[tuple[int, int]], device_type: str, dtype: torch.dtype,
+           threads: int | None = None) -> BlasChoice:
     """Pick the library for the fp32 CPU products of layers of these (out, in) shapes, and
-    route `linear` and `mm` accordingly."""
-    threads = torch.get_num_threads()
+    route `linear` and `mm` accordingly. `threads`: how many threads each product gets in
+    training (default: PyTorch's current count)."""
+    torch_threads = torch.get_num_threads()
+    threads = threads or torch_threads
+    if threads != torch_threads:
+        torch.set_num_threads(threads)  # time PyTorch's products with the threads they will get
+    try:
+        return _choose(shapes, device_type, dtype, threads)
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def _choose(shapes: list[tuple[int, int]], device_type: str, dtype: torch.dtype, threads: int) -> BlasChoice:
     forced = os.environ.get("CHATBOT_CPU_BLAS", "auto").strip().lower() or "auto"
     if device_type != "cpu" or dtype != torch.float32:
         choice = BlasChoice("torch", f"products run on {device_type} in {str(dtype).removeprefix('torch.')}")

@@ -15,6 +15,9 @@ On GPUs the fused `nn.Dropout` kernel is already cheap and stays.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from torch import nn
@@ -32,12 +35,31 @@ def keep_scale(p: float) -> float:
     return LANES / (LANES - drop_threshold(p))
 
 
+_thread = threading.local()  # .generator: the SFC64 stream of this thread's micro-batch, if any
+
+
+@contextmanager
+def thread_seed(seed: int):
+    """Within this block this thread draws its CPU masks from one SFC64 stream seeded by `seed`
+    (not from torch's generator): a micro-batch run on a worker thread gets the same masks
+    whichever thread reaches torch's generator first (see cpu_workers)."""
+    previous = getattr(_thread, "generator", None)
+    _thread.generator = np.random.SFC64(seed)
+    try:
+        yield
+    finally:
+        _thread.generator = previous
+
+
 def random_words(count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """`count` uniformly random int64 words; on a CPU from SFC64 seeded by torch's generator."""
+    """`count` uniformly random int64 words; on a CPU from SFC64 seeded by torch's generator
+    (or from the stream `thread_seed` set for this thread)."""
     if torch.device(device).type != "cpu":
         return torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), None)
-    seed = int(torch.randint(0, 2**62, (1,)))
-    return torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
+    generator = getattr(_thread, "generator", None)
+    if generator is None:
+        generator = np.random.SFC64(int(torch.randint(0, 2**62, (1,))))
+    return torch.from_numpy(generator.random_raw(count).view(np.int64))
 
 
 def keep_lanes(shape: torch.Size, p: float, device: torch.device | str = "cpu") -> torch.Tensor:

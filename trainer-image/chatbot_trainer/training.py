@@ -347,6 +347,23 @@ def _autocast(device: str, precision: str):
     return nullcontext()
 
 
+def _plan_workers(plan: TrainPlan, params, model, device: str, ranks, compiled: bool):
+    """How many of a step's micro-batches run side by side (cpu_workers), for this node."""
+    import torch
+
+    from chatbot_trainer import cpu_workers
+
+    micro_batches = math.ceil(params.batch_size / ranks.world_size / plan.micro_batch_size)
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
+    model_bytes, per_token = hardware.training_bytes(config)
+    return cpu_workers.plan(
+        device=device, threads=torch.get_num_threads(), micro_batches=micro_batches,
+        world_size=ranks.world_size, compiled=compiled, model=model,
+        micro_batch_bytes=per_token * plan.micro_batch_size * params.max_seq_length,
+        memory=hardware.available_memory() if device == "cpu" else None, model_bytes=model_bytes,
+    )
+
+
 def _make_optimizer(params_with_names, lr: float, weight_decay: float, device: str, fused: bool = True):
     import torch
 
@@ -421,7 +438,7 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
     from peft import LoraConfig, get_peft_model
     from transformers import get_scheduler
 
-    from chatbot_trainer import cpu_blas, lora_dropout, lora_fused
+    from chatbot_trainer import cpu_blas, cpu_workers, lora_dropout, lora_fused
 
     params = ctx.params
     train_dir = ctx.step_dir("train")
@@ -497,11 +514,17 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
     except ValueError as exc:
         raise InvalidConfig(f"LoRA cannot adapt this model: {exc}: check lora.targetModules") from exc
     lora_dropout.use_cheap_masks(model)
+    # A step's micro-batches side by side on a CPU's cores, or in turn (see cpu_workers).
+    will_compile = compilation.decide(params.compile, device)[0] and bool(compilation.decoder_layers(model))
+    workers = _plan_workers(plan, params, model, device, ranks, will_compile)
+    log.info("micro-batches: %d at a time (%s)", workers.workers, workers.reason)
     if device == "cpu" and lora_fused.enabled():
         lora_fused.use_fused_lora(model)  # one autograd node per adapted layer (see lora_fused)
-        # which library runs their fp32 products (and the output layer's): timed at their shapes
+        # which library runs their fp32 products (and the output layer's): timed at their shapes,
+        # with the threads each micro-batch gets
         products_dtype = torch.float32 if plan.precision == "fp32" else half
-        blas = cpu_blas.choose(lora_fused.base_shapes(model), device, products_dtype)
+        blas = cpu_blas.choose(lora_fused.base_shapes(model), device, products_dtype,
+                               threads=1 if workers.workers > 1 else None)
     else:  # PyTorch's products, whatever an earlier run in this process chose
         blas = cpu_blas.BlasChoice("torch", f"on {device}" if device != "cpu" else "CHATBOT_FUSED_LORA=off")
         cpu_blas.activate(blas)
@@ -587,6 +610,13 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         step_label_tokens, step_tokens = distributed.global_counts(
             ranks, sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches))
         to_run = distributed.micro_batches_to_run(batches, ranks)
+        if workers.workers > 1:
+            for loss_sum in cpu_workers.run_step(
+                forward_loss, to_run, 1.0 / max(step_label_tokens, 1), [p for _, p in trainable],
+                workers.workers, lambda: _autocast(device, plan.precision),
+            ):
+                window_loss += loss_sum.double()
+            to_run = []
         for number, batch in enumerate(to_run, 1):
             if pin:
                 batch = batch.pin_memory()
@@ -710,6 +740,7 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         "distributed": ranks.describe(),
         "attention": attention_mode if params.packing else "causal (padded)",
         "padding_free": padding_free,
+        "micro_batches_at_once": workers.as_dict(),
         "compile": compiled,
         "cpu_blas": blas.as_dict(),
         "lora": {"rank": params.lora.rank, "alpha": params.lora.alpha, "dropout": params.lora.dropout,
