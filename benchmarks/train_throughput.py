@@ -30,7 +30,9 @@ weights and tokenizer (the offline GGUF copy the ``smollm`` preset uses, dequant
 There ours runs with the product's defaults (micro-batch from the CPU token budget, eager;
 ``--ours-compiled`` adds the same run with ``compile: on``, ``--ours-peft-layers`` the same run
 with peft's own LoRA layers instead of the fused CPU ones, ``--ours-torch-blas`` the same run with
-every product in PyTorch's own BLAS instead of the one the trainer times as faster), TRL with
+every product in PyTorch's own BLAS instead of the one the trainer times as faster,
+``--ours-in-turn`` the same run with a step's micro-batches one after another on all threads
+instead of side by side on one core each), TRL with
 ``--micro-batch-size`` and gradient checkpointing off and, with ``--trl-gradient-checkpointing both``, also on (TRL's
 default). ``--dtype bf16`` trains ours in bf16 autocast on a CPU too (what ``precision: auto``
 picks on CPUs with avx512_bf16 or AMX); ``--trl-dtypes fp32,bf16`` measures TRL in both
@@ -425,6 +427,8 @@ def main() -> int:
                         help="also run ours with peft's own LoRA layers (CHATBOT_FUSED_LORA=off)")
     parser.add_argument("--ours-torch-blas", action="store_true",
                         help="add ours with every CPU product in PyTorch's BLAS (CHATBOT_CPU_BLAS=torch)")
+    parser.add_argument("--ours-in-turn", action="store_true",
+                        help="add ours with the micro-batches run in turn on all threads (CHATBOT_CPU_WORKERS=1)")
     parser.add_argument("--sides", help="comma-separated side names to run (e.g. ours): a before/after of ours "
                                          "without the baselines")
     parser.add_argument("--workdir", help="where data, model and workspace go (default: a temporary directory)")
@@ -512,6 +516,8 @@ def main() -> int:
         sides["ours_peft_layers"] = ours(None, {"CHATBOT_FUSED_LORA": "off"})
     if args.ours_torch_blas:
         sides["ours_torch_blas"] = ours(None, {"CHATBOT_CPU_BLAS": "torch"})
+    if args.ours_in_turn:
+        sides["ours_in_turn"] = ours(None, {"CHATBOT_CPU_WORKERS": "1"})
     if args.sides:
         wanted = args.sides.split(",")
         unknown = set(wanted) - set(sides)
@@ -574,6 +580,7 @@ def main() -> int:
     ours_runs = runs.get("ours") or runs.get("ours_compiled") or []
     for ours_run in ours_runs[:1]:
         print(f"ours: micro-batch {ours_run['micro_batch_size']}, compile {ours_run['compile']}, "
+              f"products {ours_run.get('cpu_blas')}, micro-batches at once {ours_run.get('micro_batches_at_once')}, "
               f"first window {[r['first_window_tokens_per_s'] for r in ours_runs]} tokens/s, "
               f"whole run {[round(r['seconds_total'], 1) for r in ours_runs]} s")
     data = {
