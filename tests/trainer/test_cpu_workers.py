@@ -13,7 +13,9 @@ from test_lora_fused import tiny_base, tiny_lora_model
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 GiB = 2**30
-CPU = dict(device="cpu", threads=2, micro_batches=2, world_size=1, compiled=False)
+CPU = dict(device="cpu", threads=2, batch_size=4, micro_batch_size=2, micro_batch_requested=False,
+           world_size=1, compiled=False)
+REQUESTED = {**CPU, "micro_batch_requested": True}
 
 
 @pytest.fixture(autouse=True)
@@ -21,10 +23,21 @@ def auto(monkeypatch):
     monkeypatch.delenv("CHATBOT_CPU_WORKERS", raising=False)
 
 
-def test_one_core_per_micro_batch_where_there_are_as_many_micro_batches_as_threads():
-    assert plan(**CPU).workers == 2
-    assert plan(**{**CPU, "micro_batches": 4}).workers == 2  # each worker takes every 2nd one
-    assert "one core each" in plan(**CPU).reason
+def test_the_node_s_micro_batch_is_split_among_the_cores():
+    """As many tokens in flight as in turn: 2 micro-batches of 1 side by side instead of 1 of 2."""
+    chosen = plan(**CPU)
+    assert (chosen.workers, chosen.micro_batch_size) == (2, 1)
+    assert "run as 2 of 1 side by side" in chosen.reason
+    assert plan(**{**CPU, "batch_size": 8, "micro_batch_size": 4}).micro_batch_size == 2
+    assert plan(**{**CPU, "threads": 4, "micro_batch_size": 4}).workers == 4
+
+
+def test_a_requested_micro_batch_is_kept_and_each_core_takes_whole_ones():
+    chosen = plan(**REQUESTED)
+    assert (chosen.workers, chosen.micro_batch_size) == (2, 2)
+    assert "2 micro-batches of 2 at a time, one core each" in chosen.reason
+    # a micro-batch of 1 cannot be split: whole ones side by side where there are enough
+    assert plan(**{**CPU, "micro_batch_size": 1}).workers == 2
 
 
 @pytest.mark.parametrize("change, why", [
@@ -32,21 +45,23 @@ def test_one_core_per_micro_batch_where_there_are_as_many_micro_batches_as_threa
     ({"world_size": 2}, "several training processes"),
     ({"compiled": True}, "compiled"),
     ({"threads": 1}, "one thread"),
-    ({"micro_batches": 1}, "1 micro-batch(es) per step for 2 threads"),
-    ({"threads": 4, "micro_batches": 2}, "2 micro-batch(es) per step for 4 threads"),
-    ({"memory": 3 * GiB, "micro_batch_bytes": 1 * GiB, "model_bytes": GiB // 2}, "memory for one micro-batch"),
+    ({"micro_batch_size": 4, "micro_batch_requested": True}, "1 micro-batch(es) of 4 per step for 2 threads"),
+    ({"threads": 4, "micro_batch_size": 2}, "2 micro-batch(es) of 2 per step for 4 threads"),
+    ({**REQUESTED, "memory": 3 * GiB, "sequence_bytes": GiB // 2, "model_bytes": GiB // 2},
+     "memory for one micro-batch"),
 ])
 def test_in_turn_where_side_by_side_does_not_apply(change, why):
     chosen = plan(**{**CPU, **change})
     assert chosen.workers == 1 and why in chosen.reason
+    assert chosen.micro_batch_size == {**CPU, **change}["micro_batch_size"]
 
 
-def test_memory_bounds_the_workers():
-    roomy = dict(memory=16 * GiB, micro_batch_bytes=1 * GiB, model_bytes=GiB)
-    assert plan(**{**CPU, **roomy}).workers == 2
-    assert plan(**{**CPU, "threads": 8, "micro_batches": 8, **roomy}).workers == 8
+def test_memory_bounds_whole_micro_batches_side_by_side():
+    roomy = dict(memory=16 * GiB, sequence_bytes=GiB // 2, model_bytes=GiB)
+    assert plan(**{**REQUESTED, **roomy}).workers == 2
+    assert plan(**{**REQUESTED, "threads": 8, "batch_size": 16, **roomy}).workers == 8
     # 0.7 × 6 GiB - 1.5 GiB of model leaves room for 2 micro-batches of 1 GiB, not 4
-    assert plan(**{**CPU, "threads": 4, "micro_batches": 4, **roomy, "memory": 6 * GiB}).workers == 2
+    assert plan(**{**REQUESTED, "threads": 4, "batch_size": 8, **roomy, "memory": 6 * GiB}).workers == 2
 
 
 def test_other_dropout_layers_keep_micro_batches_in_turn():
@@ -58,9 +73,9 @@ def test_other_dropout_layers_keep_micro_batches_in_turn():
 
 def test_the_environment_sets_the_count(monkeypatch):
     monkeypatch.setenv("CHATBOT_CPU_WORKERS", "1")
-    assert plan(**CPU) == cpu_workers.WorkerPlan(1, "CHATBOT_CPU_WORKERS=1")
+    assert plan(**CPU) == cpu_workers.WorkerPlan(1, "CHATBOT_CPU_WORKERS=1", 2)
     monkeypatch.setenv("CHATBOT_CPU_WORKERS", "3")
-    assert plan(**{**CPU, "threads": 1, "micro_batches": 4}).workers == 3
+    assert plan(**{**CPU, "threads": 1, "batch_size": 8}).workers == 3
     monkeypatch.setenv("CHATBOT_CPU_WORKERS", "many")
     with pytest.raises(ValueError, match="CHATBOT_CPU_WORKERS='many'"):
         plan(**CPU)
@@ -154,6 +169,26 @@ def test_training_with_micro_batches_side_by_side_is_reproducible(tmp_path, monk
         metrics = [json.loads(line) for line in (tmp_path / run / "train" / "metrics.jsonl").read_text().splitlines()]
         results.append((result, [m["loss"] for m in metrics]))
     (first, losses), (second, losses_again) = results
-    assert first["micro_batches_at_once"] == {"workers": 2, "reason": "CHATBOT_CPU_WORKERS=2"}
+    assert first["micro_batches_at_once"] == {"workers": 2, "reason": "CHATBOT_CPU_WORKERS=2",
+                                              "micro_batch_size": 4}
     assert first["gradient_accumulation_steps"] == 2
     assert losses == losses_again and first["final_loss"] < first["initial_loss"]
+
+
+def test_on_two_threads_training_splits_the_node_s_micro_batch_between_two_cores(tmp_path):
+    from test_training import make_workspace
+
+    from chatbot_trainer.training import train
+
+    ctx = make_workspace(tmp_path, "tiny-llama", training_steps=4, checkpoint_every=100, micro_batch_size=None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = train(ctx)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    at_once = result["micro_batches_at_once"]
+    assert at_once["workers"] == 2 and "side by side, one core each" in at_once["reason"]
+    assert result["micro_batch_size"] == at_once["micro_batch_size"]
+    assert result["gradient_accumulation_steps"] == 8 // result["micro_batch_size"]

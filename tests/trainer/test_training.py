@@ -67,8 +67,8 @@ def make_workspace(
         "base_model_path": str(base_dir),
         "device": "cpu",
         "precision": "fp32",
-        "micro_batch_size": tp.micro_batch_size,
-        "gradient_accumulation_steps": tp.batch_size // tp.micro_batch_size,
+        "micro_batch_size": tp.micro_batch_size or 4,  # as configure's node would choose, if not set
+        "gradient_accumulation_steps": tp.batch_size // (tp.micro_batch_size or 4),
         "warmup_steps": tp.warmup_steps,
         "target_modules": None,
         "train_base_weights": True,

@@ -18,9 +18,10 @@ of the fp32 sums, the same gradients; the micro-batches run in turn draw their m
 torch's generator directly, so that is another (equally valid) run.
 
 Taken only where it is safe and measured to pay: a CPU, one training process, eager layers,
-at least as many micro-batches per step as threads (each worker then has one core), memory for
-one micro-batch in flight per worker, and no dropout layer in the model other than LoRA's
-(those draw from torch's shared generator in whatever order the threads reach it).
+and no dropout layer in the model other than LoRA's (those draw from torch's shared generator
+in whatever order the threads reach it). The micro-batch the node chose is split among the
+workers (as many tokens in flight as before, so about the same memory); a `microBatchSize`
+set in the resource is kept, and then each worker holds one micro-batch, where memory allows.
 `CHATBOT_CPU_WORKERS=1` (or another count) in the trainer's environment sets the number.
 """
 
@@ -40,6 +41,7 @@ from chatbot_trainer.hardware import CPU_MEMORY_SHARE
 class WorkerPlan:
     workers: int
     reason: str
+    micro_batch_size: int  # sequences per micro-batch, as the workers run them
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,40 +56,52 @@ def _other_dropout(model) -> bool:
     return any(isinstance(m, nn.Dropout) and m.p > 0 and id(m) not in lora for m in model.modules())
 
 
-def plan(*, device: str, threads: int, micro_batches: int, world_size: int, compiled: bool,
-         model=None, micro_batch_bytes: int | None = None, memory: int | None = None,
-         model_bytes: int = 0) -> WorkerPlan:
-    """How many micro-batches of a step run side by side, and why.
+def plan(*, device: str, threads: int, batch_size: int, micro_batch_size: int, micro_batch_requested: bool,
+         world_size: int, compiled: bool, model=None, sequence_bytes: int | None = None,
+         memory: int | None = None, model_bytes: int = 0) -> WorkerPlan:
+    """How many micro-batches of a step run side by side, of how many sequences, and why.
 
-    `micro_batch_bytes`: the activations one micro-batch keeps for backward; `memory`: what
-    this process may still allocate (None: unknown, not limiting); `model_bytes`: the model's.
+    A micro-batch size the node chose (not `microBatchSize`) is split among the workers, so
+    that as many tokens are in flight as when its micro-batches run in turn (same memory):
+    two 256-token micro-batches side by side instead of one of 512. Otherwise each worker runs
+    whole micro-batches: one more micro-batch in flight per worker, if memory allows.
+    `sequence_bytes`: the activations one sequence keeps for backward; `memory`: what this
+    process may still allocate (None: unknown); `model_bytes`: the model's.
     """
     requested = os.environ.get("CHATBOT_CPU_WORKERS", "auto").strip().lower() or "auto"
     if requested != "auto" and not requested.isdigit():
         raise ValueError(f"CHATBOT_CPU_WORKERS={requested!r}: use auto or a number of workers")
+    micro_batches = max(1, batch_size // world_size // micro_batch_size)
+    in_turn = lambda why: WorkerPlan(1, why, micro_batch_size)  # noqa: E731
     if device != "cpu":
-        return WorkerPlan(1, f"on {device}")
+        return in_turn(f"on {device}")
     if world_size > 1:
-        return WorkerPlan(1, "several training processes: each runs its micro-batches in turn")
+        return in_turn("several training processes: each runs its micro-batches in turn")
     if compiled:
-        return WorkerPlan(1, "compiled layers run their micro-batches in turn")
+        return in_turn("compiled layers run their micro-batches in turn")
     if model is not None and _other_dropout(model):
-        return WorkerPlan(1, "the model has dropout layers besides LoRA's (one shared generator)")
+        return in_turn("the model has dropout layers besides LoRA's (one shared generator)")
     if requested != "auto":
-        count = max(1, min(int(requested), micro_batches))
-        return WorkerPlan(count, f"CHATBOT_CPU_WORKERS={requested}")
+        return WorkerPlan(max(1, min(int(requested), micro_batches)), f"CHATBOT_CPU_WORKERS={requested}",
+                          micro_batch_size)
     if threads < 2:
-        return WorkerPlan(1, "one thread")
+        return in_turn("one thread")
+    if not micro_batch_requested and micro_batch_size % threads == 0:
+        split = micro_batch_size // threads
+        return WorkerPlan(threads, f"micro-batches of {micro_batch_size} sequences run as {threads} of {split} "
+                                   f"side by side, one core each (as many tokens in flight)", split)
     if micro_batches < threads:
-        return WorkerPlan(1, f"{micro_batches} micro-batch(es) per step for {threads} threads: "
-                             "each micro-batch's ops split across the threads")
+        return in_turn(f"{micro_batches} micro-batch(es) of {micro_batch_size} per step for {threads} threads: "
+                       "each micro-batch's ops split across the threads")
     workers = threads
-    if memory and micro_batch_bytes:
-        room = int((CPU_MEMORY_SHARE * memory - 1.5 * model_bytes) // micro_batch_bytes)
+    if memory and sequence_bytes:
+        room = int((CPU_MEMORY_SHARE * memory - 1.5 * model_bytes) // (sequence_bytes * micro_batch_size))
         if room < 2:
-            return WorkerPlan(1, f"memory for one micro-batch in flight ({micro_batch_bytes / 2**30:.1f} GiB each)")
+            return in_turn(f"memory for one micro-batch in flight "
+                           f"({sequence_bytes * micro_batch_size / 2**30:.1f} GiB each)")
         workers = min(workers, room)
-    return WorkerPlan(workers, f"{workers} micro-batches at a time, one core each ({threads} threads)")
+    return WorkerPlan(workers, f"{workers} micro-batches of {micro_batch_size} at a time, one core each "
+                               f"({threads} threads)", micro_batch_size)
 
 
 def run_step(loss_of: Callable[[Any], Any], batches: Sequence[Any], scale: float, params: Sequence[Any],

@@ -353,13 +353,13 @@ def _plan_workers(plan: TrainPlan, params, model, device: str, ranks, compiled: 
 
     from chatbot_trainer import cpu_workers
 
-    micro_batches = math.ceil(params.batch_size / ranks.world_size / plan.micro_batch_size)
     config = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
     model_bytes, per_token = hardware.training_bytes(config)
     return cpu_workers.plan(
-        device=device, threads=torch.get_num_threads(), micro_batches=micro_batches,
+        device=device, threads=torch.get_num_threads(), batch_size=params.batch_size,
+        micro_batch_size=plan.micro_batch_size, micro_batch_requested=params.micro_batch_size is not None,
         world_size=ranks.world_size, compiled=compiled, model=model,
-        micro_batch_bytes=per_token * plan.micro_batch_size * params.max_seq_length,
+        sequence_bytes=per_token * params.max_seq_length,
         memory=hardware.available_memory() if device == "cpu" else None, model_bytes=model_bytes,
     )
 
@@ -573,7 +573,7 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
     monitor = TrainMonitor(ctx.workspace, params.training_steps, step) if ranks.is_main else NoMonitor()
 
     # 6. The loop.
-    batch_size, micro = params.batch_size, plan.micro_batch_size
+    batch_size, micro = params.batch_size, workers.micro_batch_size
     pad_id = tokenizer.pad_token_id
     # The segments attention works per example: a micro-batch's packed rows then go in as one
     # row without the padding between them (see packing.collate).
