@@ -7,8 +7,9 @@ every product, and a LoRA step is thousands of small ops. Here each core takes w
 micro-batches instead: one worker thread per core, each with one intra-op thread, runs the
 forward and backward passes of every k-th micro-batch of the step (PyTorch and NumPy's BLAS
 release the GIL while they compute). On SmolLM2-135M (LoRA r=16 on all linear layers, two AMD
-Zen 2 cores) that was 1.2x the tokens/s of the same micro-batches run one after another on two
-threads, at the memory of one more micro-batch in flight (see benchmarks/RESULTS.md).
+Zen 2 cores) that was 1.09-1.17x the tokens/s of the same micro-batches run one after another on
+two threads at about the same memory (the node's micro-batch split between the cores), and
+1.35x with a whole micro-batch per core, at 1.25x the memory (see benchmarks/RESULTS.md).
 
 A run stays reproducible: each micro-batch draws its LoRA dropout masks from a seed the main
 thread draws, in order, from torch's generator (`lora_dropout.thread_seed`), and its gradients
@@ -136,7 +137,7 @@ def run_step(loss_of: Callable[[Any], Any], batches: Sequence[Any], scale: float
     for param, *parts in zip(params, *(grads for grads, _ in results if grads is not None)):
         total = None
         for part in parts:
-            total = part if total is None else _add(total, part)
+            total = _add(total, part)
         if total is not None:
             param.grad = total if param.grad is None else param.grad.add_(total)
     return [loss for _, loss in sorted((pair for _, sums in results for pair in sums), key=lambda p: p[0])]

@@ -183,9 +183,10 @@ def collate(
     isolated from real tokens whatever the attention implementation.
 
     ``flat`` puts the sequences into one row, one after another (each example keeps its own
-    positions and segment), with no padding at all: for the "segments" attention, whose cost is per example whatever the rows,
-    the rows only added the padding between the shorter sequences and the longest (6% of the
-    tokens of packed chat rows of 256, every one of them through every layer).
+    positions and segment), with no padding at all: for the "segments" attention, whose cost is
+    per example whatever the rows, the rows only added the padding between the shorter
+    sequences and the longest (6% of the tokens of packed chat rows of 256, every one of them
+    through every layer).
     """
     import torch
 

@@ -610,24 +610,24 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         step_label_tokens, step_tokens = distributed.global_counts(
             ranks, sum(b.num_label_tokens for b in batches), sum(b.num_tokens for b in batches))
         to_run = distributed.micro_batches_to_run(batches, ranks)
-        if workers.workers > 1:
+        if workers.workers > 1:  # side by side on the CPU's cores (one process: nothing to sync)
             for loss_sum in cpu_workers.run_step(
                 forward_loss, to_run, 1.0 / max(step_label_tokens, 1), [p for _, p in trainable],
                 workers.workers, lambda: _autocast(device, plan.precision),
             ):
                 window_loss += loss_sum.double()
-            to_run = []
-        for number, batch in enumerate(to_run, 1):
-            if pin:
-                batch = batch.pin_memory()
-            batch = batch.to(device, non_blocking=True)
-            with distributed.gradient_sync(forward_loss, ranks, last=number == len(to_run)):
-                with _autocast(device, plan.precision):
-                    loss_sum = forward_loss(batch)
-                # × world size: the ranks' gradients are averaged, the tokens counted globally
-                loss = loss_sum * ranks.world_size / max(step_label_tokens, 1)
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            window_loss += loss_sum.detach().double()
+        else:
+            for number, batch in enumerate(to_run, 1):
+                if pin:
+                    batch = batch.pin_memory()
+                batch = batch.to(device, non_blocking=True)
+                with distributed.gradient_sync(forward_loss, ranks, last=number == len(to_run)):
+                    with _autocast(device, plan.precision):
+                        loss_sum = forward_loss(batch)
+                    # × world size: the ranks' gradients are averaged, the tokens counted globally
+                    loss = loss_sum * ranks.world_size / max(step_label_tokens, 1)
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                window_loss += loss_sum.detach().double()
         window_label_tokens += step_label_tokens
         window_tokens += step_tokens
         run_tokens += step_tokens
