@@ -57,8 +57,11 @@ class Dockerfile:
         return values
 
     def expand(self, text: str) -> str:
+        """Substitute ARG defaults, also inside other defaults (BASE_IMAGE uses PYTHON_VERSION)."""
         args = self.args()
-        return re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), text)
+        for _ in range(5):
+            text = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), text)
+        return text
 
 
 def parse(path: Path) -> Dockerfile:
@@ -227,13 +230,50 @@ def test_pip_installs_use_constraints(image: tuple[str, Dockerfile]) -> None:
         assert "-c constraints.txt" in cmd, f"pip install without the pins: {cmd.strip()}"
 
 
+def pinned_in_dockerfile(dockerfile: Dockerfile) -> list[tuple[str, str]]:
+    """Every `name==version` the Dockerfile's instructions name, ARG defaults substituted."""
+    text = " ".join(args for stage in dockerfile.stages for _, args in stage.instructions)
+    return re.findall(r"([A-Za-z][A-Za-z0-9_.-]*)==([^\s\"';)]+)", dockerfile.expand(text))
+
+
 def test_pinned_versions_match_constraints(image: tuple[str, Dockerfile]) -> None:
+    """Each version the Dockerfile pins by hand is the lock's: a package missing from the lock
+    (renamed, dropped) or pinned to another version fails here, not in a late image build."""
     name_, dockerfile = image
     pins = constraints(name_)
-    text = " ".join(args for stage in dockerfile.stages for _, args in stage.instructions)
-    for name, version in re.findall(r"([A-Za-z0-9_.-]+)==([^\s\"']+)", dockerfile.expand(text)):
-        if normalise(name) in pins:
-            assert version == pins[normalise(name)], f"{name}=={version} vs constraints.txt"
+    pinned = pinned_in_dockerfile(dockerfile)
+    for name, version in pinned:
+        assert normalise(name) in pins, f"{name}=={version}: not in {LOCKS[name_]}"
+        assert version == pins[normalise(name)], f"{name}=={version} vs {LOCKS[name_]}"
+    if name_ == "trainer":
+        assert {normalise(n) for n, _ in pinned} >= {"torch", "llama-cpp-python", "diskcache"}
+
+
+def test_pinned_versions_drift_is_detected() -> None:
+    """The check above sees a drifted pin (a Dockerfile edited without the lock)."""
+    dockerfile = parse(DOCKERFILES["trainer"])
+    drifted = Dockerfile(dockerfile.global_args, [
+        Stage(s.base, s.name, [(kw, args.replace("llama-cpp-python==", "llama-cpp-python==9.9.9-"))
+                               for kw, args in s.instructions]) for s in dockerfile.stages])
+    pins = constraints("trainer")
+    assert any(normalise(n) == "llama-cpp-python" and v != pins["llama-cpp-python"]
+               for n, v in pinned_in_dockerfile(drifted))
+
+
+def test_build_script_reads_the_same_pins() -> None:
+    """scripts/images.sh stages wheels by the lock's torch and llama-cpp-python versions and
+    makes a local base of the Dockerfiles' Debian release and Python minor version."""
+    script = (REPO_ROOT / "scripts" / "images.sh").read_text()
+    assert "sed -n 's/^torch==//p' trainer-image/constraints.txt" in script
+    assert "sed -n 's/^llama-cpp-python==//p' trainer-image/constraints.txt" in script
+    python = re.search(r"^PYTHON_MINOR=(\S+)$", script, re.M).group(1)
+    release = re.search(r"^DEBIAN_RELEASE=(\S+)$", script, re.M).group(1)
+    for path in DOCKERFILES.values():
+        dockerfile = parse(path)
+        assert dockerfile.args()["PYTHON_VERSION"] == python
+        base = dockerfile.expand(dockerfile.global_args["BASE_IMAGE"])
+        assert base == f"docker.io/library/python:{python}-slim-{release}", base
+        assert all(stage.base == "${BASE_IMAGE}" for stage in dockerfile.stages), path
 
 
 def test_trainer_torch_matches_constraints() -> None:
