@@ -47,9 +47,9 @@ def run_precision(workspace: str, config: dict[str, Any], threads: int, torch_se
     import torch
 
     torch.set_num_threads(threads)
-    from chatbot_trainer import training
     from chatbot_trainer.params import trainer_params
     from chatbot_trainer.steps import run_step
+    from chatbot_trainer.train import recipe as training
     from chatbot_trainer.workspace import StepContext
 
     if torch_seed_offset:  # other LoRA initialization and dropout masks; the data order is params.seed's

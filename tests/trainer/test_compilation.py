@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from chatbot_trainer import compilation
-from chatbot_trainer.errors import InvalidConfig
-
 from test_training import make_workspace
+
+from chatbot_trainer.errors import InvalidConfig
+from chatbot_trainer.model import compilation
+
 
 def test_off_and_on_are_obeyed():
     assert compilation.decide("off", "cpu", compiler="/usr/bin/c++")[0] is False
@@ -30,7 +30,7 @@ def test_auto_is_eager_with_the_reason(device):
 
 @pytest.mark.parametrize("preset", ["tiny-gpt", "tiny-llama"])
 def test_decoder_layers_are_found(tmp_path, preset):
-    from chatbot_trainer.training import load_causal_lm
+    from chatbot_trainer.model.loading import load_causal_lm
 
     ctx = make_workspace(tmp_path, preset=preset)
     model = load_causal_lm(str(tmp_path / "configure" / "base-model"))
@@ -42,7 +42,7 @@ def test_decoder_layers_are_found(tmp_path, preset):
 @pytest.mark.skipif(compilation.cxx_compiler() is None, reason="Inductor needs a C++ compiler on CPU")
 def test_a_compiled_run_trains_like_the_eager_one(tmp_path):
     """Packed rows with per-example attention (dynamic segment layouts) through compiled layers."""
-    from chatbot_trainer.training import train
+    from chatbot_trainer.train.recipe import train
 
     settings = dict(preset="tiny-llama", training_steps=6, log_every=1, lora={"dropout": 0.0})
     eager = train(make_workspace(tmp_path / "eager", compile="off", **settings))

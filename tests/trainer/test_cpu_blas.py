@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chatbot_trainer import cpu_blas, evaluation
-from chatbot_trainer.cpu_blas import BlasChoice
+from chatbot_trainer.model import cpu_blas
+from chatbot_trainer.model.loss import linear_cross_entropy_sum
+from chatbot_trainer.model.cpu_blas import BlasChoice
 
 from .test_lora_fused import TARGETS, loss_and_grads, tiny_lora_model
 
@@ -75,7 +76,7 @@ def test_nothing_is_routed_until_a_choice_says_so(count_openblas):
 def test_fused_lora_on_openblas_matches_peft(count_openblas):
     """Forward, input gradients and LoRA gradients of the fused layers, with their base products
     in OpenBLAS, equal peft's own layers (dropout on, same masks)."""
-    from chatbot_trainer.lora_fused import use_fused_lora
+    from chatbot_trainer.model.lora_fused import use_fused_lora
 
     reference = tiny_lora_model(0.1).train()
     fused = copy.deepcopy(reference)
@@ -102,7 +103,7 @@ def test_output_layer_loss_on_openblas_matches_cross_entropy(count_openblas):
     expected = F.cross_entropy(F.linear(hidden, weight), targets, reduction="sum")
     (expected_grad,) = torch.autograd.grad(expected, hidden)
     openblas_on()
-    loss = evaluation.linear_cross_entropy_sum(hidden, weight, targets, chunk_tokens=7)
+    loss = linear_cross_entropy_sum(hidden, weight, targets, chunk_tokens=7)
     (grad,) = torch.autograd.grad(loss, hidden)
     assert len(count_openblas) == 2 * 5  # logits and the hidden gradient, per chunk of 7 rows
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)

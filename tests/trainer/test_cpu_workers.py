@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-
-from chatbot_trainer import cpu_workers
-from chatbot_trainer.cpu_workers import plan, run_step
-from chatbot_trainer.lora_fused import use_fused_lora
 from test_lora_fused import tiny_base, tiny_lora_model
+
+from chatbot_trainer.model.lora_fused import use_fused_lora
+from chatbot_trainer.train import cpu_workers
+from chatbot_trainer.train.cpu_workers import plan, run_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
@@ -159,7 +159,7 @@ def test_an_error_in_a_worker_reaches_the_training_loop():
 def test_training_with_micro_batches_side_by_side_is_reproducible(tmp_path, monkeypatch):
     from test_training import make_workspace
 
-    from chatbot_trainer.training import train
+    from chatbot_trainer.train.recipe import train
 
     monkeypatch.setenv("CHATBOT_CPU_WORKERS", "2")
     results = []
@@ -178,7 +178,7 @@ def test_training_with_micro_batches_side_by_side_is_reproducible(tmp_path, monk
 def test_on_two_threads_training_splits_the_node_s_micro_batch_between_two_cores(tmp_path):
     from test_training import make_workspace
 
-    from chatbot_trainer.training import train
+    from chatbot_trainer.train.recipe import train
 
     ctx = make_workspace(tmp_path, "tiny-llama", training_steps=4, checkpoint_every=100, micro_batch_size=None)
     threads = torch.get_num_threads()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chatbot_trainer.dataset import (
+from chatbot_trainer.data.dataset import (
     MAX_REPORTED_LINES,
     NOT_USED,
     DataError,
@@ -16,7 +16,7 @@ from chatbot_trainer.dataset import (
     read_source,
     report_summary,
 )
-from chatbot_trainer.readers import CSV_MESSAGE
+from chatbot_trainer.data.readers import CSV_MESSAGE
 
 
 def conv(i: int, answer: str | None = None) -> dict:

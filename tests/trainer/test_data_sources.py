@@ -11,8 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from chatbot_api.spec import DATA_URI
-from chatbot_trainer.dataset import DataError, prepare_conversations, read_source, resolve_source
-from chatbot_trainer.readers import parse_hub_uri
+from chatbot_trainer.data.dataset import (
+    DataError,
+    prepare_conversations,
+    read_source,
+    resolve_source,
+)
+from chatbot_trainer.data.readers import parse_hub_uri
 
 ROWS = [
     {"messages": [{"role": "user", "content": "Question 1?"}, {"role": "assistant", "content": "Answer 1."}]},

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from chatbot_trainer.dataset import (
+from chatbot_trainer.data.dataset import (
     DataError,
     LineError,
     PreparedData,
@@ -24,7 +24,7 @@ from chatbot_trainer.dataset import (
     resolve_source,
     write_jsonl,
 )
-from chatbot_trainer.formats import convert_record, to_messages
+from chatbot_trainer.data.formats import convert_record, to_messages
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "data" / "support.jsonl"

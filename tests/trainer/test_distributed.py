@@ -64,7 +64,7 @@ def finished(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """The reference: one process, the same global batch of 8 (4 micro-batches of 2)."""
-    from chatbot_trainer.training import train
+    from chatbot_trainer.train.recipe import train
 
     ctx = lora_workspace(tmp_path_factory.mktemp("single"))
     result = train(ctx)
@@ -135,7 +135,7 @@ def rank_pid(marker: str, rank: int) -> int | None:
 
 
 def test_a_killed_rank_fails_the_run_cleanly_and_one_process_resumes_the_checkpoint(tmp_path):
-    from chatbot_trainer.training import complete_checkpoints, train
+    from chatbot_trainer.train.recipe import complete_checkpoints, train
 
     ctx = lora_workspace(tmp_path, training_steps=400, checkpoint_every=10, log_every=10)
     marker = uuid.uuid4().hex
@@ -168,8 +168,8 @@ def test_a_killed_rank_fails_the_run_cleanly_and_one_process_resumes_the_checkpo
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused():
-    from chatbot_trainer import distributed
     from chatbot_trainer.errors import InvalidConfig
+    from chatbot_trainer.train import distributed
 
     ranks = distributed.Ranks(rank=1, world_size=3, local_world_size=3)
     with pytest.raises(InvalidConfig, match="batchSize 8 cannot be split evenly over 3"):
@@ -183,7 +183,7 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused():
 
 def test_cpu_micro_batches_share_the_nodes_memory_between_processes():
     from chatbot_api.spec import TrainingParams
-    from chatbot_trainer import hardware
+    from chatbot_trainer.train import hardware
 
     params = TrainingParams(training_data="x", batch_size=16, max_seq_length=128)
     shape = {"hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536, "vocab_size": 49152}

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from chatbot_api.spec import TrainingParams
-from chatbot_trainer import evaluation
+from chatbot_trainer.data.tokenization import tokenize_dataset
 from chatbot_trainer.errors import QualityThresholdNotMet
-from chatbot_trainer.evaluation import evaluate_model
-from chatbot_trainer.models import (
+from chatbot_trainer.evaluate import metrics
+from chatbot_trainer.evaluate.metrics import evaluate_model
+from chatbot_trainer.model.base_models import (
     TINY_GPT,
     TINY_LLAMA,
     build_scratch_model,
@@ -23,7 +24,6 @@ from chatbot_trainer.models import (
     materialize_base_model,
     resolve_base_model,
 )
-from chatbot_trainer.tokenization import tokenize_dataset
 from chatbot_trainer.workspace import StepContext
 
 
@@ -98,7 +98,7 @@ def test_logits_are_computed_in_chunks_and_never_kept(tokenizer, examples, monke
     model = build_scratch_model(TINY_GPT, tokenizer, max_positions=128, seed=3).eval()
     reference = evaluate_model(model, examples, micro_batch_size=8, max_seq_length=96, packing=True)
     vocab = model.config.vocab_size
-    monkeypatch.setattr(evaluation, "LOGITS_PER_CHUNK", 7 * vocab)  # 7 positions per chunk
+    monkeypatch.setattr(metrics, "LOGITS_PER_CHUNK", 7 * vocab)  # 7 positions per chunk
     rows: list[int] = []
     head = model.get_output_embeddings()
     hook = head.register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
@@ -117,7 +117,7 @@ def test_logits_are_computed_in_chunks_and_never_kept(tokenizer, examples, monke
 
 def make_workspace(root: Path, *, eval_rows: int = 24, **params) -> StepContext:
     """A workspace after prepare/configure (tiny scratch model), then the train step."""
-    from chatbot_trainer.training import train
+    from chatbot_trainer.train.recipe import train
 
     (root / "prepare").mkdir(parents=True)
     train_rows, held_out = conversations(120, 3), conversations(eval_rows, 4)
@@ -220,14 +220,14 @@ def test_samples_and_a_model_worse_than_its_base(trained, monkeypatch):
     assert set(result["samples"][0]) == {"question", "reference", "base", "fine_tuned"}
     assert "transformers" in result["samples_generated_with"]
 
-    real_evaluate, calls = evaluation.evaluate_model, []
+    real_evaluate, calls = metrics.evaluate_model, []
 
     def fine_tuned_got_worse(model, examples, **settings):  # evaluate measures the fine-tune first
         calls.append(model)
         metrics = real_evaluate(model, examples, **settings)
         return {**metrics, "loss": 99.0} if len(calls) % 2 else metrics
 
-    monkeypatch.setattr(evaluation, "evaluate_model", fine_tuned_got_worse)
+    monkeypatch.setattr(metrics, "evaluate_model", fine_tuned_got_worse)
     warned = evaluate.run(with_params(trained, evaluation__sample_answers=0))
     assert warned["passed"] is True and warned["samples"] == []
     assert "not better than the base model" in warned["warnings"][0]
@@ -251,7 +251,7 @@ def test_improvement_warning_wording():
 def test_linear_cross_entropy_gives_cross_entropy_and_its_gradients(chunk):
     """Chunked, gradients taken in the forward pass: the same as cross_entropy on full logits,
     including confident rows, where softmax - one_hot is tiny at the target."""
-    from chatbot_trainer.evaluation import linear_cross_entropy_sum
+    from chatbot_trainer.model.loss import linear_cross_entropy_sum
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(23, 16, generator=gen, dtype=torch.float64).float()
@@ -274,7 +274,7 @@ def test_linear_cross_entropy_gives_cross_entropy_and_its_gradients(chunk):
 
 
 def test_linear_cross_entropy_under_bf16_autocast_keeps_confident_gradients():
-    from chatbot_trainer.evaluation import linear_cross_entropy_sum
+    from chatbot_trainer.model.loss import linear_cross_entropy_sum
 
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(32, 64, generator=gen)

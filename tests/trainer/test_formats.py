@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from chatbot_trainer.formats import (
+from chatbot_trainer.data.formats import (
     FORMATS,
     REASONS,
     FormatError,
@@ -426,7 +426,7 @@ def test_format_error_fields_and_pickle():
 
 def test_modules_do_not_import_torch():
     code = (
-        "import sys, chatbot_trainer.formats, chatbot_trainer.dataset; "
+        "import sys, chatbot_trainer.data.formats, chatbot_trainer.data.dataset; "
         "print('torch' in sys.modules)"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))

@@ -26,15 +26,15 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 import gguf
+import pytest
 import torch
 
 from chatbot_api.spec import TrainingParams
-from chatbot_trainer import gguf_writer, models
-from chatbot_trainer import modelfile as mf
 from chatbot_trainer.errors import StepError, UnsupportedArchitecture
+from chatbot_trainer.export import gguf_writer
+from chatbot_trainer.export import modelfile as mf
+from chatbot_trainer.model import base_models as models
 from chatbot_trainer.steps import run_step
 from chatbot_trainer.workspace import StepContext
 
@@ -441,7 +441,8 @@ TRICKY = ["Hello,   world!\n\n  12345 don't STOP... café 😀 naïve\t\tx", "I'
 
 
 def _tokenizer_with(pre_tokenizer):
-    from tokenizers import Tokenizer, decoders, models as tmodels, trainers
+    from tokenizers import Tokenizer, decoders, trainers
+    from tokenizers import models as tmodels
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(tmodels.BPE())
@@ -457,7 +458,8 @@ def _tokenizer_with(pre_tokenizer):
 
 
 def _pre_tokenizer(kind):
-    from tokenizers import Regex, pre_tokenizers as pt
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as pt
 
     byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=False)
     return {
@@ -642,7 +644,7 @@ def test_a_gguf_file_imported_as_base_reproduces_the_model(run, tokenizer, tmp_p
     written from, within the file's own rounding, and the same tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chatbot_trainer.gguf_import import import_gguf, read_header
+    from chatbot_trainer.model.gguf_import import import_gguf, read_header
 
     source = _gguf_path(run, "q8_0")
     header = read_header(source)
@@ -666,7 +668,7 @@ def test_a_gguf_file_imported_as_base_reproduces_the_model(run, tokenizer, tmp_p
 def test_k_quants_fall_back_where_rows_are_short_and_still_answer(run, tokenizer, tmp_path):
     """A tiny model's rows (64 values) cannot take K-quants: llama.cpp's fallback types are
     used, reported, and the file still answers like the merged model."""
-    from chatbot_trainer import llama_quantize
+    from chatbot_trainer.export import llama_quantize
 
     target = tmp_path / "m.q4_k_m.gguf"
     llama_quantize.quantize(_gguf_path(run, "f16"), target, "q4_k_m")

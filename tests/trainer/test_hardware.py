@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from chatbot_trainer import hardware, training
 from chatbot_trainer.errors import InvalidConfig
 from chatbot_trainer.params import trainer_params
+from chatbot_trainer.train import hardware
+from chatbot_trainer.train import recipe as training
 
 CPU = {"device": "cpu", "name": "cpu", "count": 0, "memory_gb": None, "bf16": False}
 H100 = {"device": "cuda", "name": "NVIDIA H100", "count": 1, "memory_gb": 80.0, "bf16": True}

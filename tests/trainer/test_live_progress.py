@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from chatbot_api.spec import TrainingParams
-from chatbot_trainer import progress_server, train_monitor
-from chatbot_trainer.models import materialize_base_model, resolve_base_model
-from chatbot_trainer.progress_server import ProgressBoard, ProgressServer
+from chatbot_trainer.model.base_models import materialize_base_model, resolve_base_model
+from chatbot_trainer.train import monitor as train_monitor
+from chatbot_trainer.train import progress_server
+from chatbot_trainer.train.progress_server import ProgressBoard, ProgressServer
 from chatbot_trainer.workspace import StepContext
 
 STEPS, LOG_EVERY = 20, 5
@@ -212,7 +213,7 @@ def test_export_puts_the_loss_curve_next_to_the_model(pipeline):
 def test_loss_curve_marks_base_and_fine_tuned_eval_loss(tmp_path):
     from matplotlib.image import imread
 
-    from chatbot_trainer.curves import draw_loss_curve
+    from chatbot_trainer.train.curves import draw_loss_curve
 
     records = [{"step": s, "loss": 5.0 / s} for s in (1, 5, 10, 15, 20)]
     plain = draw_loss_curve(tmp_path / "plain.png", records)

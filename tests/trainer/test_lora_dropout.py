@@ -6,7 +6,13 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from chatbot_trainer.lora_dropout import LANES, CheapMaskDropout, drop_threshold, keep_lanes, use_cheap_masks
+from chatbot_trainer.model.lora_dropout import (
+    LANES,
+    CheapMaskDropout,
+    drop_threshold,
+    keep_lanes,
+    use_cheap_masks,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft on transformers 5
 

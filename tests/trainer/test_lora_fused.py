@@ -8,9 +8,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from chatbot_trainer import lora_fused
-from chatbot_trainer.lora_dropout import use_cheap_masks
-from chatbot_trainer.lora_fused import use_fused_lora
+from chatbot_trainer.model import lora_fused
+from chatbot_trainer.model.lora_dropout import use_cheap_masks
+from chatbot_trainer.model.lora_fused import use_fused_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft on transformers 5
 

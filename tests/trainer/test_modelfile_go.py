@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from chatbot_trainer import modelfile, packaged_models
-from chatbot_trainer.gguf_import import read_header
+from chatbot_trainer.data import chat_templates
+from chatbot_trainer.export import modelfile
+from chatbot_trainer.model import packaged_models
+from chatbot_trainer.model.gguf_import import read_header
 
 RENDERER = r'''
 package main
@@ -151,7 +153,7 @@ def smollm2_template() -> str:
 def modelfile_parts(chat_template: str, special: dict[str, str]) -> tuple[str, str | None]:
     """TEMPLATE and SYSTEM as the export writes them into the Modelfile."""
     text = modelfile.render_modelfile("m.gguf", chat_template=chat_template, stops=[],
-                                      system_prompt=modelfile.default_system_prompt(chat_template, special))
+                                      system_prompt=chat_templates.default_system_prompt(chat_template, special))
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     system = text.split('SYSTEM """', 1)[1].split('"""', 1)[0] if 'SYSTEM """' in text else None
     return template, system
@@ -174,17 +176,17 @@ def test_modelfile_renders_what_the_model_was_trained_on(go_render, family, conv
 
 
 def test_default_system_prompts_are_found():
-    assert modelfile.default_system_prompt(smollm2_template()) == (
+    assert chat_templates.default_system_prompt(smollm2_template()) == (
         "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
-    assert modelfile.default_system_prompt(QWEN25_STYLE) == (
+    assert chat_templates.default_system_prompt(QWEN25_STYLE) == (
         "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
-    assert modelfile.default_system_prompt(LLAMA3_STYLE, SPECIAL) is None
-    assert modelfile.default_system_prompt(None) is None
+    assert chat_templates.default_system_prompt(LLAMA3_STYLE, SPECIAL) is None
+    assert chat_templates.default_system_prompt(None) is None
 
 
 def test_generic_chatml_without_default_has_no_system_line(go_render):
-    from chatbot_trainer.models import CHATML_TEMPLATE
-    from chatbot_trainer.gguf_writer import strip_generation_tags
+    from chatbot_trainer.data.chat_templates import CHATML_TEMPLATE
+    from chatbot_trainer.export.gguf_writer import strip_generation_tags
 
     template = strip_generation_tags(CHATML_TEMPLATE)
     go_template, system = modelfile_parts(template, {})

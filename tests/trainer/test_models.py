@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from chatbot_trainer import models, packaged_models
-from chatbot_trainer.models import ModelNotFoundError, resolve_base_model
+from chatbot_trainer.model import base_models as models
+from chatbot_trainer.model import packaged_models
+from chatbot_trainer.model.base_models import ModelNotFoundError, resolve_base_model
 
 
 def test_presets_fall_back_to_a_scratch_model_offline_and_say_so(monkeypatch):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from chatbot_trainer import packaged_models
-from chatbot_trainer.packaged_models import PACKAGED_MODELS, FetchError
+from chatbot_trainer.model import packaged_models
+from chatbot_trainer.model.packaged_models import PACKAGED_MODELS, FetchError
 
 
 def fake_pip(content: bytes, member: str):

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from chatbot_trainer.evaluation import token_loss_sums
-from chatbot_trainer.models import TINY_GPT, TINY_LLAMA, build_scratch_model, build_scratch_tokenizer
-from chatbot_trainer.packing import (
+from chatbot_trainer.data.packing import (
     GROUP_ALLOWANCE,
     GROUP_SLACK,
     SEGMENTS_ATTENTION,
@@ -18,20 +16,27 @@ from chatbot_trainer.packing import (
     build_sequences,
     choose_attention_mode,
     collate,
+    group_lengths,
+    layout_args,
     model_inputs,
     pack_examples,
     packing_isolated,
     packing_stats,
     padding_token_id,
+    register_segments_attention,
     restore_attention,
-    group_lengths,
-    layout_args,
     segment_layout,
     segments_sdpa_attention,
     set_attn_implementation,
-    register_segments_attention,
 )
-from chatbot_trainer.tokenization import IGNORE_INDEX
+from chatbot_trainer.data.tokenization import IGNORE_INDEX
+from chatbot_trainer.model.base_models import (
+    TINY_GPT,
+    TINY_LLAMA,
+    build_scratch_model,
+    build_scratch_tokenizer,
+)
+from chatbot_trainer.model.loss import token_loss_sums
 
 ARCHS = {"gpt2": TINY_GPT, "llama": TINY_LLAMA}
 
@@ -270,7 +275,7 @@ def test_choose_attention_mode_prefers_segments_and_restores(model):
 
 
 def test_the_probe_notices_attention_across_examples(model, monkeypatch):
-    import chatbot_trainer.packing as packing
+    import chatbot_trainer.data.packing as packing
 
     original = packing.model_inputs
 

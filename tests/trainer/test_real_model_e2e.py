@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from chatbot_trainer import cli, packaged_models
+from chatbot_trainer import cli
+from chatbot_trainer.model import packaged_models
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data" / "support.jsonl"
@@ -74,7 +75,7 @@ def test_packed_examples_stay_apart_in_bf16_on_thirty_layers(run, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
-    import chatbot_trainer.packing as packing
+    import chatbot_trainer.data.packing as packing
 
     base_path = json.loads((run / "workspace" / "configure" / "result.json").read_text())["base_model_path"]
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16)

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from chatbot_api.spec import TrainingParams
-from chatbot_trainer import models
+from chatbot_trainer.model import base_models as models
 from chatbot_trainer.steps import run_step
 from chatbot_trainer.workspace import StepContext
 

@@ -5,9 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chatbot_trainer import tokenization as T
-from chatbot_trainer.models import CHATML_TEMPLATE, build_scratch_tokenizer, conversation_texts
-from chatbot_trainer.tokenization import IGNORE_INDEX, tokenize_conversation, tokenize_dataset
+from chatbot_trainer.data import tokenization as T
+from chatbot_trainer.data.chat_templates import CHATML_TEMPLATE
+from chatbot_trainer.data.tokenization import (
+    IGNORE_INDEX,
+    tokenize_conversation,
+    tokenize_dataset,
+)
+from chatbot_trainer.model.base_models import (
+    build_scratch_tokenizer,
+    conversation_texts,
+)
 
 PLAIN_CHATML = CHATML_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 # Same output as CHATML_TEMPLATE, but not the same string: exercises the Jinja renderer.

@@ -8,18 +8,23 @@ import json
 
 import pytest
 
-from chatbot_trainer import gguf_writer
-from chatbot_trainer.errors import InvalidData
-from chatbot_trainer.formats import convert_record
-from chatbot_trainer.models import CHATML_TEMPLATE, build_scratch_tokenizer
-from chatbot_trainer.template_features import (
+from chatbot_trainer.data.chat_templates import (
+    CHATML_TEMPLATE,
     PROBE_CONVERSATION,
     PROBE_TOOL,
     check_chat_template,
     template_tool_support_gap,
     tool_support_gap,
 )
-from chatbot_trainer.tokenization import IGNORE_INDEX, tokenize_conversation, tokenize_dataset
+from chatbot_trainer.data.formats import convert_record
+from chatbot_trainer.data.tokenization import (
+    IGNORE_INDEX,
+    tokenize_conversation,
+    tokenize_dataset,
+)
+from chatbot_trainer.errors import InvalidData
+from chatbot_trainer.export import gguf_writer
+from chatbot_trainer.model.base_models import build_scratch_tokenizer
 
 # A ChatML template with tools in the style of Qwen2.5's: the tool definitions go into the
 # system turn, calls into <tool_call> tags, results into a user turn of <tool_response> tags;
@@ -268,7 +273,7 @@ def test_configure_warns_when_a_few_rows_use_tools(tmp_path):
 
 
 def test_modelfile_leaves_a_tool_template_to_the_gguf():
-    from chatbot_trainer import modelfile
+    from chatbot_trainer.export import modelfile
 
     assert modelfile.ollama_template(TOOLS_TEMPLATE) is None
     assert modelfile.ollama_template(CHATML_TEMPLATE) == modelfile.CHATML_OLLAMA_TEMPLATE

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from chatbot_api.spec import TrainingParams
-from chatbot_trainer.models import materialize_base_model, resolve_base_model
+from chatbot_trainer.model.base_models import materialize_base_model, resolve_base_model
 from chatbot_trainer.workspace import StepContext
 
 
@@ -93,8 +93,12 @@ def weights(path: Path) -> dict:
 
 
 def test_default_target_modules():
-    from chatbot_trainer.models import TINY_GPT, build_scratch_model, build_scratch_tokenizer
-    from chatbot_trainer.training import default_target_modules
+    from chatbot_trainer.model.base_models import (
+        TINY_GPT,
+        build_scratch_model,
+        build_scratch_tokenizer,
+    )
+    from chatbot_trainer.model.loading import default_target_modules
 
     assert default_target_modules("gpt2") == ["c_attn", "c_proj", "c_fc"]
     for arch in ("llama", "mistral", "qwen2"):
@@ -113,7 +117,7 @@ def test_default_target_modules():
 
 @pytest.mark.parametrize("preset", ["tiny-gpt", "tiny-llama"])
 def test_loss_falls_and_the_step_reports_it(tmp_path, preset):
-    from chatbot_trainer.training import train
+    from chatbot_trainer.train.recipe import train
 
     ctx = make_workspace(tmp_path, preset)
     result = train(ctx)
@@ -145,7 +149,7 @@ def test_loss_falls_and_the_step_reports_it(tmp_path, preset):
 
 
 def test_preempted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
-    from chatbot_trainer.training import train
+    from chatbot_trainer.train.recipe import train
 
     full = make_workspace(tmp_path / "full")
     expected = train(full)
@@ -179,7 +183,7 @@ def test_preempted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
 
 
 def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):
-    from chatbot_trainer.training import train
+    from chatbot_trainer.train.recipe import train
 
     ctx = make_workspace(tmp_path, training_steps=10)
     train(ctx, stop_at_step=10)
@@ -189,10 +193,10 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):
 
 
 def test_trained_model_reloads_merged_and_unmerged(tmp_path):
-    from chatbot_trainer.evaluation import evaluate_model
+    from chatbot_trainer.data.tokenization import tokenize_dataset
+    from chatbot_trainer.evaluate.metrics import evaluate_model
+    from chatbot_trainer.model.loading import load_base_model, load_trained_model
     from chatbot_trainer.steps import run_step
-    from chatbot_trainer.tokenization import tokenize_dataset
-    from chatbot_trainer.training import load_base_model, load_trained_model
 
     os.environ["CHATBOT_TERMINATION_LOG"] = str(tmp_path / "termination-log")
     ctx = make_workspace(tmp_path / "ws", "tiny-llama", training_steps=12)
@@ -219,8 +223,13 @@ def test_new_chat_tokens_are_trained_with_a_frozen_base(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from chatbot_trainer.models import TINY_LLAMA, build_scratch_model, conversation_texts
-    from chatbot_trainer.training import load_trained_model, train
+    from chatbot_trainer.model.base_models import (
+        TINY_LLAMA,
+        build_scratch_model,
+        conversation_texts,
+    )
+    from chatbot_trainer.model.loading import load_trained_model
+    from chatbot_trainer.train.recipe import train
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -256,9 +265,9 @@ def test_new_chat_tokens_are_trained_with_a_frozen_base(tmp_path):
 def test_a_diverging_run_stops_with_a_named_reason_and_no_checkpoint(tmp_path, monkeypatch):
     """A learning rate of 0.5 once ran to the end (eval loss 11.1) and exited 0. Here the loss
     turns NaN at step 6, as an overflow would make it, before the step-10 checkpoint."""
-    from chatbot_trainer import training
     from chatbot_trainer.errors import TrainingDiverged
-    from chatbot_trainer.training import train
+    from chatbot_trainer.train import recipe as training
+    from chatbot_trainer.train.recipe import train
 
     real, calls = training.token_loss_sums, []
 
@@ -279,7 +288,7 @@ def test_a_diverging_run_stops_with_a_named_reason_and_no_checkpoint(tmp_path, m
 
 def test_check_finite_names_the_last_good_loss():
     from chatbot_trainer.errors import TrainingDiverged
-    from chatbot_trainer.training import check_finite
+    from chatbot_trainer.train.recipe import check_finite
 
     params = TrainingParams(training_data="x", learning_rate=0.5)
     check_finite(3, 2.5, 1.0, [], params)

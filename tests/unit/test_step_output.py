@@ -72,7 +72,7 @@ def test_json_errors_say_at_once():
 
     import pytest
 
-    from chatbot_trainer.readers import json_error
+    from chatbot_trainer.data.readers import json_error
 
     for text, expected in (('{"a": "b', "Unterminated string starting at column 7"),
                            ('{"a": }', "Expecting value at column 7"),

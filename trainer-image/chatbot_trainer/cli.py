@@ -3,7 +3,7 @@
 `chatbot-training run`: the whole pipeline locally, with the seed workflow's inputs as flags
 (`--training_data` or `--training-data`), printing the seed's output JSON.
 `chatbot-training serve MODEL.gguf` / `chat MODEL.gguf`: an OpenAI-compatible server, a
-terminal chat on an exported file (serve.py, chat.py).
+terminal chat on an exported file (serve/).
 
 `chatbot-trainer <step>`: one step, as a Kubernetes Job runs it.
 """
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from chatbot_api.spec import STEPS
-
 from chatbot_trainer.errors import StepError
 from chatbot_trainer.params import (
     SEED_INPUTS,
@@ -66,9 +65,9 @@ def build_run_parser() -> argparse.ArgumentParser:
                      metavar="N", help="train on N processes with torchrun (gloo on a CPU, NCCL on "
                      "GPUs); the other steps run in this process (default: 1)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
-    from chatbot_trainer import chat, serve
+    from chatbot_trainer.serve import chat, server
 
-    serve.add_parser(sub)
+    server.add_parser(sub)
     chat.add_parser(sub)
     return parser
 

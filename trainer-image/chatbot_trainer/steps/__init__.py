@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from chatbot_api.spec import STEPS
-
-from chatbot_trainer.distributed import is_main_process
 from chatbot_trainer.errors import OutOfMemory, StepError
-from chatbot_trainer.workspace import TERMINATION_LOG_DEFAULT, StepContext, write_termination_message
+from chatbot_trainer.train.distributed import is_main_process
+from chatbot_trainer.workspace import (
+    TERMINATION_LOG_DEFAULT,
+    StepContext,
+    write_termination_message,
+)
 
 log = logging.getLogger("chatbot_trainer.steps")
 

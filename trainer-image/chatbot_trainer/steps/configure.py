@@ -4,7 +4,7 @@ Everything the later steps need is decided here and written to `configure/config
 run can be read back and reproduced: the base model (and, for a model built from a config or
 dequantized from a GGUF file, the model itself, saved under `configure/base-model/`), warmup, LoRA target modules, and the
 device, precision and micro-batch size for the hardware configure sees (train and evaluate
-decide those again on their own nodes: see hardware.py). Checks that can fail early do so here
+decide those again on their own nodes: see train/hardware.py). Checks that can fail early do so here
 (unknown model, an architecture the GGUF export does not support) rather than after training.
 """
 
@@ -13,11 +13,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from chatbot_trainer import hardware
-from chatbot_trainer.dataset import load_jsonl
+from chatbot_trainer.data.dataset import load_jsonl
 from chatbot_trainer.errors import ModelNotFound
-from chatbot_trainer.models import ModelNotFoundError, materialize_base_model, resolve_base_model
+from chatbot_trainer.model.base_models import (
+    ModelNotFoundError,
+    materialize_base_model,
+    resolve_base_model,
+)
+from chatbot_trainer.train import hardware
 from chatbot_trainer.workspace import StepContext, write_json_atomic
+
 
 def _hf_config(name_or_path: str):
     from transformers import AutoConfig
@@ -36,7 +41,7 @@ def _check_exportable(name_or_path: str) -> str:
     """Fail now, not after training, when GGUF export cannot handle the model or its tokenizer."""
     from pathlib import Path
 
-    from chatbot_trainer.gguf_writer import preflight
+    from chatbot_trainer.export.gguf_writer import preflight
 
     local = Path(name_or_path)
     if not local.is_dir():
@@ -53,8 +58,8 @@ def _import_gguf(choice, out, show_progress: bool) -> dict[str, Any]:
     """Dequantize a GGUF base into configure/base-model/ (fetching an https:// file first)."""
     from pathlib import Path
 
-    from chatbot_trainer.dataset import DataError, resolve_source
-    from chatbot_trainer.gguf_import import import_gguf
+    from chatbot_trainer.data.dataset import DataError, resolve_source
+    from chatbot_trainer.model.gguf_import import import_gguf
 
     location = choice.name_or_path
     if location.startswith(("http://", "https://")):
@@ -70,8 +75,8 @@ def _import_gguf(choice, out, show_progress: bool) -> dict[str, Any]:
 
 def _check_chat_template(base_path: str, label: str, data_report: dict[str, Any], params) -> dict[str, Any]:
     """Before training: can the template express the data's tool calls; its default system prompt."""
-    from chatbot_trainer.template_features import check_chat_template
-    from chatbot_trainer.training import load_tokenizer_with_template
+    from chatbot_trainer.data.chat_templates import check_chat_template
+    from chatbot_trainer.model.loading import load_tokenizer_with_template
 
     tokenizer, _ = load_tokenizer_with_template(base_path)
     return check_chat_template(tokenizer, label, data_report, params.data.max_bad_line_fraction)
@@ -79,7 +84,7 @@ def _check_chat_template(base_path: str, label: str, data_report: dict[str, Any]
 
 def run(ctx: StepContext) -> dict[str, Any]:
     prepared = ctx.read_result("prepare")
-    from chatbot_trainer.training import default_target_modules
+    from chatbot_trainer.model.loading import default_target_modules
 
     params = ctx.params
     out = ctx.step_dir("configure")

@@ -9,7 +9,7 @@ model's is a warning in the result (and the operator's status), and fails the st
 answered greedily by both models and kept side by side with the data's own answers. With an empty eval split (tiny data sets, or
 ``data.evalFraction: 0``) a deterministic sample of the training split is used and the result
 says so (``"eval_split": "train-sample"``). While it runs, the batches done are served as live
-progress (progress_server.py); the results also go to TensorBoard beside the training's.
+progress (train/progress_server.py); the results also go to TensorBoard beside the training's.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from chatbot_trainer import hardware
 from chatbot_trainer.errors import InvalidConfig, InvalidData, QualityThresholdNotMet
-from chatbot_trainer.progress_server import ProgressBoard, serving
-from chatbot_trainer.train_monitor import record_evaluation
+from chatbot_trainer.train import hardware
+from chatbot_trainer.train.monitor import record_evaluation
+from chatbot_trainer.train.progress_server import ProgressBoard, serving
 from chatbot_trainer.workspace import StepContext, write_json_atomic
 
 TRAIN_SAMPLE_SIZE = 256  # conversations evaluated when there is no eval split
@@ -31,7 +31,7 @@ TRAIN_SAMPLE_SIZE = 256  # conversations evaluated when there is no eval split
 def _load(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    from chatbot_trainer.dataset import load_jsonl
+    from chatbot_trainer.data.dataset import load_jsonl
 
     return load_jsonl(path)
 
@@ -80,10 +80,14 @@ def check_thresholds(metrics: dict[str, float], evaluation) -> list[str]:
 def run(ctx: StepContext) -> dict[str, Any]:
     import torch
 
-    from chatbot_trainer.evaluation import evaluate_model
-    from chatbot_trainer.samples import generate_answers, sample_questions, side_by_side
-    from chatbot_trainer.tokenization import tokenize_dataset
-    from chatbot_trainer.training import load_base_model, load_trained_model
+    from chatbot_trainer.data.tokenization import tokenize_dataset
+    from chatbot_trainer.evaluate.metrics import evaluate_model
+    from chatbot_trainer.evaluate.samples import (
+        generate_answers,
+        sample_questions,
+        side_by_side,
+    )
+    from chatbot_trainer.model.loading import load_base_model, load_trained_model
 
     params = ctx.params
     out = ctx.step_dir("evaluate")

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chatbot_trainer import curves
 from chatbot_trainer.errors import ModelNotFound, StepError
+from chatbot_trainer.train import curves
 from chatbot_trainer.workspace import StepContext, replace_dir_atomically
 
 MiB = 1024 * 1024
@@ -85,7 +85,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
 def _write_files(merged_dir: Path, out_dir: Path, name: str, base_label: str, quantizations: list[str]):
     """Every requested file, in the requested order; K-quants are made from an F16 file (the
     requested one, or a temporary one removed afterwards)."""
-    from chatbot_trainer import gguf_writer, llama_quantize
+    from chatbot_trainer.export import gguf_writer, llama_quantize
 
     k_quants = [q for q in quantizations if q in llama_quantize.K_QUANTS]
     if k_quants and (problem := llama_quantize.available()):
@@ -127,7 +127,7 @@ def _write_files(merged_dir: Path, out_dir: Path, name: str, base_label: str, qu
 
 
 def _write_direct(merged_dir: Path, target: Path, quant: str, name: str, base_label: str):
-    from chatbot_trainer import gguf_writer
+    from chatbot_trainer.export import gguf_writer
 
     try:
         return gguf_writer.write_gguf(merged_dir, target, quant, name=name, base_model=base_label, finetune="lora-chat")
@@ -155,7 +155,7 @@ def _file_entry(path, quant, tensor_types, fallbacks, tokenizer_pre, notes, seco
 def answer_with_gguf(ctx: StepContext, path: str) -> dict[str, Any] | None:
     """The evaluate step's sample questions answered by llama.cpp from the exported file (as
     it will be served), beside the merged model's answers; None without llama-cpp-python."""
-    from chatbot_trainer.samples import gguf_answers
+    from chatbot_trainer.evaluate.samples import gguf_answers
 
     evaluated = ctx.read_result("evaluate") if ctx.result_path("evaluate").is_file() else {}
     questions = evaluated.get("sample_questions") or []
@@ -180,7 +180,7 @@ def answer_with_gguf(ctx: StepContext, path: str) -> dict[str, Any] | None:
 def merge_adapter(trained: dict[str, Any], merged_dir: Path) -> str:
     """Load base + adapter (as the train step left them), merge, and save safetensors + tokenizer
     to `merged_dir`, replacing it whole."""
-    from chatbot_trainer.training import load_trained_model
+    from chatbot_trainer.model.loading import load_trained_model
 
     base_path, adapter_path = trained.get("base_model_path_for_adapter"), trained.get("adapter_path")
     if not base_path or not (Path(base_path) / "config.json").is_file():
@@ -191,7 +191,7 @@ def merge_adapter(trained: dict[str, Any], merged_dir: Path) -> str:
         raise ModelNotFound(
             f"the LoRA adapter {adapter_path!r} named in train/result.json is missing: run the train step again"
         )
-    from chatbot_trainer import gguf_writer
+    from chatbot_trainer.export import gguf_writer
 
     has_tokenizer = (Path(adapter_path) / "tokenizer.json").is_file() or (Path(adapter_path) / "tokenizer.model").is_file()
     gguf_writer.preflight(base_path, adapter_path if has_tokenizer else base_path)
@@ -213,7 +213,8 @@ def merge_adapter(trained: dict[str, Any], merged_dir: Path) -> str:
 
 def _write_modelfile(path: Path, merged_dir: Path, gguf_name: str, system_prompt: str | None) -> dict[str, Any]:
     """Write the Modelfile; returns which system prompt it carries and why."""
-    from chatbot_trainer import gguf_writer, modelfile
+    from chatbot_trainer.data.chat_templates import default_system_prompt
+    from chatbot_trainer.export import gguf_writer, modelfile
 
     config = gguf_writer.load_config(merged_dir)
     vocab = gguf_writer.read_vocab(merged_dir, config)
@@ -221,7 +222,7 @@ def _write_modelfile(path: Path, merged_dir: Path, gguf_name: str, system_prompt
     bos = vocab.tokens[vocab.bos_id] if vocab.bos_id is not None else None
     end_of_turn = [t for t in gguf_writer.END_OF_TURN_TOKENS if t in set(vocab.tokens) and t != "<|endoftext|>"]
     context = config.get("max_position_embeddings") or config.get("n_positions")
-    default_system = modelfile.default_system_prompt(
+    default_system = default_system_prompt(
         vocab.chat_template, {k: v for k, v in (("bos_token", bos), ("eos_token", eos)) if v}
     )
     system = system_prompt or default_system

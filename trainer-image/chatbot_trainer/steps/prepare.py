@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from chatbot_trainer.dataset import (
+from chatbot_trainer.data.dataset import (
     DataError,
     prepare_conversations,
     report_summary,

@@ -1,4 +1,4 @@
-"""The train step: LoRA fine-tuning (see chatbot_trainer.training for the loop)."""
+"""The train step: LoRA fine-tuning (see chatbot_trainer.train.recipe)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,6 @@ from chatbot_trainer.workspace import StepContext
 
 
 def run(ctx: StepContext) -> dict[str, Any]:
-    from chatbot_trainer.training import train
+    from chatbot_trainer.train.recipe import train
 
     return train(ctx)

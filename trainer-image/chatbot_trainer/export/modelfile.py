@@ -98,41 +98,6 @@ def ollama_template(chat_template: str | None) -> str | None:
     return None
 
 
-_MARK = "\x00system-prompt-here\x00"
-
-
-def default_system_prompt(chat_template: str | None, special_tokens: dict[str, str] | None = None) -> str | None:
-    """The system prompt `chat_template` adds to a conversation that has none, or None.
-
-    The template is rendered once with a marker as the system message and once without one;
-    when the text without has exactly the marker's prefix and suffix, what lies between them
-    is the default. Templates whose default depends on the date or on tools give None."""
-    if not chat_template:
-        return None
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    def render(messages) -> str:
-        rendered, _ = render_jinja_template(
-            conversations=[messages], chat_template=chat_template, add_generation_prompt=True,
-            **(special_tokens or {}),
-        )
-        return rendered[0]
-
-    user = {"role": "user", "content": "Hello"}
-    try:
-        with_marker = render([{"role": "system", "content": _MARK}, user])
-        without = render([user])
-    except Exception:  # a template that needs other variables: no default we can read
-        return None
-    if _MARK not in with_marker:
-        return None
-    prefix, suffix = with_marker.split(_MARK, 1)
-    if not (without.startswith(prefix) and without.endswith(suffix)) or len(without) < len(prefix) + len(suffix):
-        return None
-    found = without[len(prefix): len(without) - len(suffix)]
-    return found or None
-
-
 def stop_tokens(chat_template: str | None, eos_token: str | None, end_of_turn_tokens: list[str] | None = None) -> list[str]:
     """End-of-turn strings Ollama should stop on, most specific first, without duplicates."""
     found: list[str] = []

@@ -31,8 +31,13 @@ import os
 import torch
 from torch import nn
 
-from chatbot_trainer import cpu_blas
-from chatbot_trainer.lora_dropout import LANES, drop_threshold, keep_lanes, keep_scale
+from chatbot_trainer.model import cpu_blas
+from chatbot_trainer.model.lora_dropout import (
+    LANES,
+    drop_threshold,
+    keep_lanes,
+    keep_scale,
+)
 
 
 class _LoraLinearFunction(torch.autograd.Function):

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from chatbot_trainer.tokenization import IGNORE_INDEX
+from chatbot_trainer.data.tokenization import IGNORE_INDEX
 
 ATTENTION_MODES = ("segments", "position_ids", "4d")
 

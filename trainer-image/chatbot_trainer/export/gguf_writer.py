@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from chatbot_trainer.errors import StepError, UnsupportedArchitecture
+from chatbot_trainer.model.pretokenizers import PRE_TOKENIZERS
 
 # HF `architectures[0]` → GGUF architecture name.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -47,24 +48,6 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
 QUANTIZATIONS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
-# Pre-tokenizer split regexes as tokenizer.json spells them.
-GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# Pre-tokenizer step signatures → llama.cpp's `tokenizer.ggml.pre` name.
-PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
-    ("bytelevel+regex",): "gpt-2",
-    ("split:" + GPT2_SPLIT, "bytelevel"): "gpt-2",
-    ("split:" + LLAMA3_SPLIT, "bytelevel"): "llama-bpe",
-    ("split:" + QWEN2_SPLIT, "bytelevel"): "qwen2",
-    ("digits:individual", "bytelevel+regex"): "smollm",
-}
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 

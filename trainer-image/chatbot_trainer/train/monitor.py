@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from chatbot_trainer.progress_server import ProgressBoard, start_server
+from chatbot_trainer.train.progress_server import ProgressBoard, start_server
 
 log = logging.getLogger("chatbot_trainer.train")
 

@@ -18,7 +18,7 @@ tokenizers (no offsets) tokenize each span on its own instead.
 Conversations longer than ``max_seq_length`` tokens are dropped, not truncated (a truncated
 conversation teaches the model to stop mid-answer), and counted. Conversations with tools are
 dropped and counted (``tools_unsupported``) when the chat template cannot express tool calls
-(see template_features.py); the configure step reports that before training.
+(see data/chat_templates.py); the configure step reports that before training.
 """
 
 from __future__ import annotations
@@ -28,9 +28,13 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from chatbot_trainer.formats import uses_tools
-from chatbot_trainer.models import CHATML_TEMPLATE, IM_END, IM_START
-from chatbot_trainer.template_features import tool_support_gap
+from chatbot_trainer.data.chat_templates import (
+    CHATML_TEMPLATE,
+    IM_END,
+    IM_START,
+    tool_support_gap,
+)
+from chatbot_trainer.data.formats import uses_tools
 
 IGNORE_INDEX = -100
 TOKENIZE_CHUNK = 2048  # conversations per batched tokenizer call

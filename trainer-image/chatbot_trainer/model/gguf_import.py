@@ -20,31 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from chatbot_trainer.errors import ModelNotFound, UnsupportedArchitecture
+from chatbot_trainer.model.pretokenizers import pre_tokenizer_for
 from chatbot_trainer.workspace import replace_dir_atomically
-
-
-def _byte_level(use_regex: bool) -> dict[str, Any]:
-    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
-
-
-def _split(pattern: str) -> dict[str, Any]:
-    return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
-
-
-def pre_tokenizer_for(ggml_pre: str) -> dict[str, Any] | None:
-    """tokenizer.json's pre_tokenizer for a llama.cpp pre-tokenizer name (None: unknown)."""
-    from chatbot_trainer.gguf_writer import LLAMA3_SPLIT, QWEN2_SPLIT
-
-    known = {  # ByteLevel with use_regex=True applies the GPT-2 split itself
-        "gpt-2": _byte_level(True),
-        "gpt2": _byte_level(True),
-        "smollm": {"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": True}, _byte_level(True)]},
-        "llama-bpe": {"type": "Sequence", "pretokenizers": [_split(LLAMA3_SPLIT), _byte_level(False)]},
-        "qwen2": {"type": "Sequence", "pretokenizers": [_split(QWEN2_SPLIT), _byte_level(False)]},
-    }
-    return known.get(ggml_pre)
-
 
 # GGUF value types (gguf.GGUFValueType) → struct format of the fixed-size ones.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

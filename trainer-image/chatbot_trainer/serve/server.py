@@ -210,8 +210,8 @@ def main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        import uvicorn
         import llama_cpp.server.app  # noqa: F401
+        import uvicorn
     except ImportError as exc:
         print(f"error: serving needs llama-cpp-python and its server extra ({exc.name} is "
               "missing): pip install 'chatbot-training[serve]' and llama-cpp-python "

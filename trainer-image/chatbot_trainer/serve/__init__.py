@@ -1,0 +1,5 @@
+"""Serving an exported GGUF file locally: an OpenAI-compatible server (server) and a terminal
+chat (chat), both on llama-cpp-python.
+
+May import: chatbot_trainer.errors. Reads only GGUF files: no torch, nothing of training.
+"""
