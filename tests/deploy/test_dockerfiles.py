@@ -395,3 +395,23 @@ def test_trainer_image_fits_the_step_jobs() -> None:
     assert uid == OperatorConfig().step_uid == values["trainer"]["runAsUser"]
     workspace = args[args.index("--workspace") + 1]
     assert dockerfile.final.all("WORKDIR")[-1] == workspace
+
+
+def test_build_script_names_images_as_the_chart_does() -> None:
+    """`make images` tags the chart's default repositories with its appVersion, so a cluster
+    that loads the images runs the chart with no values set."""
+    import subprocess
+
+    chart = yaml.safe_load((REPO_ROOT / "helm" / "chatbot-training" / "Chart.yaml").read_text())
+    values = yaml.safe_load((REPO_ROOT / "helm" / "chatbot-training" / "values.yaml").read_text())
+    script = str(REPO_ROOT / "scripts" / "images.sh")
+
+    def name(*args: str) -> str:
+        proc = subprocess.run(["bash", script, "name", *args], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    assert name("operator") == f"{values['image']['repository']}:{chart['appVersion']}"
+    assert name("trainer") == f"{values['trainer']['image']['repository']}:{chart['appVersion']}"
+    assert name("--torch", "cpu", "trainer") == f"{values['trainer']['image']['repository']}:{chart['appVersion']}-cpu"
+    assert name("--torch", "cpu", "operator") == name("operator")
