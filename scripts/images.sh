@@ -114,7 +114,7 @@ install_engine() {
   command -v apt-get >/dev/null || die "installing needs apt-get (Debian/Ubuntu)"
   log "installing buildah, podman, runc and debootstrap with apt-get"
   DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
     buildah podman runc debootstrap >&2
 }
 
@@ -216,7 +216,8 @@ image_name() {  # image_name operator|trainer → local name
 }
 
 stage_wheels() {
-  # trainer-image/wheels/: a CPU torch wheel and the cached llama-cpp-python wheel.
+  # trainer-image/wheels/torch/: a CPU torch wheel; trainer-image/wheels/llama-cpp-python/: the
+  # cached llama-cpp-python wheel (each in its own folder: one changing keeps the other's layers).
   local dest=trainer-image/wheels
   find "$dest" -name '*.whl' -delete
   if [ "$TORCH" = cpu ]; then
@@ -230,7 +231,7 @@ stage_wheels() {
     done
     if [ -n "$wheel" ]; then
       log "torch: local CPU wheel $(basename "$wheel")"
-      ln "$wheel" "$dest/" 2>/dev/null || cp "$wheel" "$dest/"
+      ln "$wheel" "$dest/torch/" 2>/dev/null || cp "$wheel" "$dest/torch/"
     else
       log "torch: PyTorch's CPU index"
       BUILD_ARGS+=(--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu)
@@ -240,9 +241,9 @@ stage_wheels() {
   llama=$(ls "$CACHE"/wheels/llama_cpp_python-"$LLAMA_VERSION"-cp311-cp311-*.whl 2>/dev/null | head -n1 || true)
   if [ -n "$llama" ]; then
     log "llama-cpp-python: cached wheel $(basename "$llama")"
-    ln "$llama" "$dest/" 2>/dev/null || cp "$llama" "$dest/"
+    ln "$llama" "$dest/llama-cpp-python/" 2>/dev/null || cp "$llama" "$dest/llama-cpp-python/"
   fi
-  if ls "$dest"/*.whl >/dev/null 2>&1; then BUILD_ARGS+=(--build-arg LOCAL_WHEELS=1); fi
+  if find "$dest" -name '*.whl' | grep -q .; then BUILD_ARGS+=(--build-arg LOCAL_WHEELS=1); fi
 }
 
 build_one() {
@@ -255,7 +256,10 @@ build_one() {
   name=$(image_name "$which")
   BUILD_ARGS=()
   [ -n "$BASE" ] && BUILD_ARGS+=(--build-arg "BASE_IMAGE=$BASE")
-  [ "$which" = trainer ] && stage_wheels
+  if [ "$which" = trainer ]; then
+    trap 'find "$REPO/trainer-image/wheels" -name "*.whl" -delete' EXIT
+    stage_wheels
+  fi
   log "building $name with $ENGINE (${BASE:-public base})"
   local start=$SECONDS
   case $ENGINE in
