@@ -238,7 +238,7 @@ stage_wheels() {
     fi
   fi
   local llama
-  llama=$(ls "$CACHE"/wheels/llama_cpp_python-"$LLAMA_VERSION"-cp311-cp311-*.whl 2>/dev/null | head -n1 || true)
+  llama=$(ls "$CACHE"/wheels/llama_cpp_python-"$LLAMA_VERSION"-*.whl 2>/dev/null | head -n1 || true)
   if [ -n "$llama" ]; then
     log "llama-cpp-python: cached wheel $(basename "$llama")"
     ln "$llama" "$dest/llama-cpp-python/" 2>/dev/null || cp "$llama" "$dest/llama-cpp-python/"
