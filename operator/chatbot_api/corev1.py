@@ -180,3 +180,20 @@ class Affinity(ApiModel):
     node_affinity: NodeAffinity | None = None
     pod_affinity: PodAffinity | None = None
     pod_anti_affinity: PodAffinity | None = None
+
+
+# ---------------------------------------------------------------------------- reference
+
+API_REFERENCE = "https://kubernetes.io/docs/reference/kubernetes-api"
+# Models that are standard Kubernetes types (or the part of one a step pod uses), by class
+# name: the spec reference shows each as one row linking to the Kubernetes API reference, and
+# the CRD's description of such a field links there too (kubectl explain).
+STANDARD_TYPES: dict[str, tuple[str, str]] = {
+    "Affinity": ("core/v1 Affinity", f"{API_REFERENCE}/workload-resources/pod-v1/#scheduling"),
+    "Toleration": ("core/v1 Toleration", f"{API_REFERENCE}/workload-resources/pod-v1/#scheduling"),
+    "ResourcesSpec": ("core/v1 ResourceRequirements (requests and limits of cpu, memory, ephemeral-storage)",
+                      f"{API_REFERENCE}/workload-resources/pod-v1/#resources"),
+    "SecretKeyRef": ("core/v1 SecretKeySelector (name, key)",
+                     f"{API_REFERENCE}/common-definitions/secret-key-selector/"),
+}
+

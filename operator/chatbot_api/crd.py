@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 from chatbot_api.base import cel_validations
+from chatbot_api.corev1 import STANDARD_TYPES
 from chatbot_api.spec import (
     CATEGORIES,
     CLUSTER_RULES,
@@ -107,9 +108,47 @@ def openapi_schema(model: type) -> dict[str, Any]:
     return _factory_defaults(model, _inline(raw, raw.get("$defs", {})))
 
 
+def standard_type_fields(model: type = ChatbotTrainingSpec) -> dict[str, tuple[str, str, bool]]:
+    """Field path (``serve.tolerations``) → (Kubernetes type, API reference, a list of it), for
+    the fields whose model is a standard Kubernetes type (corev1.STANDARD_TYPES)."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.get("$defs", {})
+    found: dict[str, tuple[str, str, bool]] = {}
+
+    def ref_name(prop: dict[str, Any]) -> tuple[str | None, bool]:
+        for branch in [prop, *prop.get("anyOf", [])]:
+            if "$ref" in branch:
+                return branch["$ref"].rsplit("/", 1)[-1], False
+            if branch.get("type") == "array" and "$ref" in branch.get("items", {}):
+                return branch["items"]["$ref"].rsplit("/", 1)[-1], True
+        return None, False
+
+    def walk(schema: dict[str, Any], prefix: str) -> None:
+        for name, prop in schema.get("properties", {}).items():
+            target, is_list = ref_name(prop)
+            if target in STANDARD_TYPES:
+                found[prefix + name] = (*STANDARD_TYPES[target], is_list)
+            elif target is not None and not is_list:
+                walk(defs[target], f"{prefix}{name}.")
+
+    walk(raw, "")
+    return found
+
+
+def _link_standard_types(schema: dict[str, Any]) -> None:
+    """Each standard-type field's description names the type and links its API reference."""
+    for path, (kind, url, is_list) in standard_type_fields().items():
+        prop = schema
+        for part in path.split("."):
+            prop = prop["properties"][part]
+        text = prop.get("description", "").rstrip()
+        prop["description"] = f"{text} {'A list of ' if is_list else 'A '}{kind}: {url}".strip()
+
+
 def spec_schema() -> dict[str, Any]:
     schema = openapi_schema(ChatbotTrainingSpec)
     schema["description"] = "What to train: the data, the base model, hyperparameters and where to run."
+    _link_standard_types(schema)
     for field in IMMUTABLE_FIELDS:
         prop = schema["properties"][field]
         prop.setdefault("x-kubernetes-validations", []).append(

@@ -305,7 +305,7 @@ class ChatbotTrainingSpec(TrainingParams):
         description="Tolerations of the GPU steps (e.g. for GPU taints).",
     )
     affinity: Affinity | None = Field(
-        None, description="Pod affinity of the GPU steps (core/v1 Affinity)."
+        None, description="Pod affinity of the GPU steps."
     )
     priority_class_name: DnsSubdomain | None = Field(
         None, description="PriorityClass of the step pods."

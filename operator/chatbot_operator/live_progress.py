@@ -2,7 +2,7 @@
 
 The step's pod serves its progress as JSON on `GET /progress` (the trainer's
 train/progress_server.py), on the container port named `progress` (CHATBOT_PROGRESS_PORT). The
-operator reads it (progress_poller.py) and these rules decide what `status.progress` shows:
+operator reads it (live_progress_poller.py) and these rules decide what `status.progress` shows:
 
 - which pod to read: the running pod of the training's current step, when that step is
   train or evaluate and it runs (`target`);

@@ -26,6 +26,8 @@ from typing import Any
 from chatbot_api.spec import GROUP, ChatbotTrainingSpec
 
 from chatbot_operator import manifests
+from chatbot_operator.diagnose import pod_failure_detail
+from chatbot_operator.observe import terminated_state
 from chatbot_operator.settings import OperatorConfig
 
 MASTER_PORT = 29500
@@ -205,8 +207,6 @@ def max_attempts(spec: ChatbotTrainingSpec) -> int:
 
 def first_failed_pod(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The pod that failed first (the others usually fail because it went away)."""
-    from chatbot_operator.progress import terminated_state
-
     failed = [p for p in pods if ((p.get("status") or {}).get("phase") == "Failed")]
     return min(failed, key=lambda p: (terminated_state(p) or {}).get("finishedAt") or "~",
                default=None)
@@ -220,13 +220,11 @@ def node_index(pod: Mapping[str, Any]) -> str:
 
 def failure_cause(spec: ChatbotTrainingSpec, pods: Sequence[Mapping[str, Any]]) -> str:
     """Which node index failed first, and why (from its pod's termination state)."""
-    from chatbot_operator.progress import _pod_failure_detail, terminated_state
-
     pod = first_failed_pod(pods)
     if pod is None:
         return "a pod failed"
     terminated = terminated_state(pod) or {}
-    detail = _pod_failure_detail("train", pod, spec)
+    detail = pod_failure_detail("train", pod, spec)
     why = detail[1] if detail else (terminated.get("reason") or "it failed")
     name = (pod.get("metadata") or {}).get("name")
     return f"node {node_index(pod)} (pod {name}) failed first: {why}"
@@ -235,8 +233,6 @@ def failure_cause(spec: ChatbotTrainingSpec, pods: Sequence[Mapping[str, Any]]) 
 def permanent(state: Any, pods: Sequence[Mapping[str, Any]]) -> bool:
     """Another attempt cannot help: invalid input, a quality threshold, out of memory, the
     step's deadline."""
-    from chatbot_operator.progress import terminated_state
-
     if state.reason == "DeadlineExceeded":
         return True
     for pod in pods:

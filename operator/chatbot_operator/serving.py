@@ -224,7 +224,7 @@ def deployment_patch(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> 
     """A JSON merge patch turning the existing Deployment into the wanted one (fields the
     operator no longer sets are removed, so the API server defaults them again), or None when
     it already is."""
-    from chatbot_operator.progress import status_patch  # a generic JSON merge-patch diff
+    from chatbot_operator.status_builder import status_patch  # a generic JSON merge-patch diff
 
     annotations = (existing.get("metadata") or {}).get("annotations") or {}
     wanted_hash = wanted["metadata"]["annotations"][ANNOTATION_SPEC_HASH]

@@ -10,7 +10,8 @@ import pytest
 from chatbot_trainer.errors import InvalidConfig
 from chatbot_trainer.params import trainer_params
 from chatbot_trainer.train import hardware
-from chatbot_trainer.train import recipe as training
+from chatbot_trainer.train import checkpoints
+from chatbot_trainer.train.plan import TrainPlan
 
 CPU = {"device": "cpu", "name": "cpu", "count": 0, "memory_gb": None, "bf16": False}
 H100 = {"device": "cuda", "name": "NVIDIA H100", "count": 1, "memory_gb": 80.0, "bf16": True}
@@ -49,7 +50,7 @@ def test_train_plan_uses_the_gpu_of_its_own_node(monkeypatch):
     configure = configure_result_from_a_cpu_pod(p)
     assert configure["device"] == "cpu"
     monkeypatch.setattr(hardware, "detect", lambda: H100)
-    plan = training.TrainPlan.from_configure(configure, p)
+    plan = TrainPlan.from_configure(configure, p)
     assert (plan.device, plan.precision, plan.micro_batch_size, plan.gradient_accumulation_steps) == (
         "cuda", "bf16", 16, 4)
 
@@ -60,12 +61,12 @@ def test_checkpoints_resume_on_another_gpu_type(monkeypatch, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"messages": []}\n')
     monkeypatch.setattr(hardware, "detect", lambda: H100)
-    on_h100 = training._fingerprint(training.TrainPlan.from_configure(configure, p), p, data)
+    on_h100 = checkpoints.fingerprint(TrainPlan.from_configure(configure, p), p, data)
     monkeypatch.setattr(hardware, "detect", lambda: T4)
-    on_t4 = training._fingerprint(training.TrainPlan.from_configure(configure, p), p, data)
+    on_t4 = checkpoints.fingerprint(TrainPlan.from_configure(configure, p), p, data)
     assert on_h100 == on_t4
     other = params(learning_rate=0.5)
-    assert training._fingerprint(training.TrainPlan.from_configure(configure, other), other, data) != on_h100
+    assert checkpoints.fingerprint(TrainPlan.from_configure(configure, other), other, data) != on_h100
 
 
 SMOLLM2 = {"hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536, "vocab_size": 49152,
