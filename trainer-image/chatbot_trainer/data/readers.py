@@ -352,19 +352,81 @@ def _explain_unreadable(path: Path, data: bytes, errors: list[LineError], not_ut
 
 
 def _rows(batches: Iterable[Any], start: int = 1) -> tuple[list[RawRecord], list[LineError]]:
-    """Arrow record batches → records numbered as rows; null columns are left out."""
+    """Arrow record batches → records numbered as rows; null columns are left out.
+
+    Nested columns are read as the JSON they came from, not as Arrow's unified schema: a
+    struct column holds every key that any row has (a table of tool definitions gives each
+    tool the properties of all the others, as nulls), so null struct fields are left out, at
+    every depth; Arrow stores a missing key and a null the same way there. Nulls that Arrow
+    keeps apart from missing keys stay: list elements and map values. JSON columns (the
+    ``arrow.json`` type that ``datasets``' ``Json`` feature writes) are parsed per row,
+    without any unification, so their nulls all stay.
+    """
     records: list[RawRecord] = []
     errors: list[LineError] = []
     number = start - 1
     with gc_paused():
         for batch in batches:
+            readers = {field.name: _value_reader(field.type) for field in batch.schema}
             for row in batch.to_pylist():
                 number += 1
                 if isinstance(row, dict):
-                    records.append(RawRecord(number, {k: v for k, v in row.items() if v is not None}, "row"))
+                    data = {}
+                    for key, value in row.items():
+                        if value is None:
+                            continue
+                        read = readers.get(key)
+                        data[key] = value if read is None else read(value)
+                    records.append(RawRecord(number, data, "row"))
                 else:
                     errors.append(LineError(number, "expected a row of columns", "not_an_object", "row"))
     return records, errors
+
+
+def _value_reader(arrow_type: Any) -> Any:
+    """A function turning a value of this Arrow type into plain JSON, or None where
+    ``to_pylist``'s value already is (no struct or JSON type inside)."""
+    import pyarrow as pa
+
+    extension = getattr(arrow_type, "extension_name", None)
+    if extension == "arrow.json":
+        return _parse_json_value
+    if extension is not None and hasattr(arrow_type, "storage_type"):
+        return _value_reader(arrow_type.storage_type)
+    if pa.types.is_struct(arrow_type):
+        fields = [(arrow_type.field(i).name, _value_reader(arrow_type.field(i).type))
+                  for i in range(arrow_type.num_fields)]
+
+        def read_struct(value: dict[str, Any]) -> dict[str, Any]:
+            out = {}
+            for name, read in fields:
+                item = value.get(name)
+                if item is not None:
+                    out[name] = item if read is None else read(item)
+            return out
+
+        return read_struct
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type) \
+            or pa.types.is_list_view(arrow_type) or pa.types.is_large_list_view(arrow_type):
+        read_item = _value_reader(arrow_type.value_type)
+        if read_item is None:
+            return None
+        return lambda value: [None if item is None else read_item(item) for item in value]
+    if pa.types.is_map(arrow_type):
+        read_item = _value_reader(arrow_type.item_type)
+        return lambda value: {
+            key: item if item is None or read_item is None else read_item(item) for key, item in value
+        }
+    return None
+
+
+def _parse_json_value(value: Any) -> Any:
+    if not isinstance(value, (str, bytes)):
+        return value
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, RecursionError):
+        return value  # left as text: the format checks say what is wrong with it
 
 
 def _pyarrow(path: Path, what: str):
