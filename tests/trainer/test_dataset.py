@@ -668,3 +668,38 @@ def test_large_input_is_fast(tmp_path):
     elapsed = time.perf_counter() - start
     assert data.report["kept"] == 20_000
     assert elapsed < 5.0
+
+
+def test_tool_call_duplicates_are_found_on_content_whatever_the_format():
+    from tool_data import openai_rows, sharegpt_rows, tool_conversations
+
+    conversations = tool_conversations(50)
+    repeats = len(conversations) - len({json.dumps(c, sort_keys=True) for c in conversations})
+    assert repeats >= 4
+    results = {}
+    for name, rows in (("openai", openai_rows(conversations, seed=1)),
+                       ("openai, other ids", openai_rows(conversations, seed=2)),
+                       ("sharegpt", sharegpt_rows(conversations))):
+        data = prepare_conversations(rows, eval_fraction=0.2)
+        results[name] = (data.report["rows"]["not_used"]["duplicate"]["lines"],
+                         [c["line"] for c in data.eval])
+    assert len(results["sharegpt"][0]) == repeats
+    assert results["openai"] == results["openai, other ids"] == results["sharegpt"]
+
+
+def test_tool_results_paired_with_other_calls_are_not_duplicates():
+    def row(first_result, second_result):
+        return {"messages": [
+            {"role": "user", "content": "Weather in Paris and Oslo?"},
+            {"role": "assistant", "tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "w", "arguments": '{"city": "Paris"}'}},
+                {"id": "b", "type": "function", "function": {"name": "w", "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": first_result, "content": "18"},
+            {"role": "tool", "tool_call_id": second_result, "content": "-3"},
+            {"role": "assistant", "content": "18 and -3."}]}
+
+    in_order = row("a", "b")
+    renamed = json.loads(json.dumps(in_order).replace('"a"', '"x1"').replace('"b"', '"x2"'))
+    data = prepare_conversations([in_order, renamed, row("b", "a")], eval_fraction=0)
+    assert data.report["rows"]["not_used"]["duplicate"]["lines"] == [2]
+    assert data.report["kept"] == 2

@@ -71,7 +71,7 @@ _DOWNLOAD_CHUNK = 1 << 20
 NOT_USED: dict[str, str] = {
     "malformed": "the line is not a JSON object (see errors for each line's problem)",
     **REASONS,
-    "duplicate": "the same conversation as an earlier row (ignoring case and spacing)",
+    "duplicate": "the same conversation as an earlier row (ignoring case, spacing and tool-call ids)",
     "too_long": "longer than maxSeqLength could ever hold (characters per token ceiling)",
 }
 """Why a row was not used, with a one-line explanation each."""
@@ -351,16 +351,51 @@ def _fold(text: str) -> str:
 _ROLE_MARKS = {"user": "\x00u ", "assistant": "\x00a ", "tool": "\x00t "}
 
 
+class _CallNumbers:
+    """Tool calls numbered by order of appearance, for comparing conversations on content.
+
+    Call ids differ between exports of the same conversation (random in OpenAI's, absent in
+    ShareGPT's), so the keys hold each call without its id and each tool result with the
+    number of the call it answers: the one its ``tool_call_id`` names, else the next call not
+    yet answered (how results without ids pair up).
+    """
+
+    def __init__(self) -> None:
+        self.numbers: dict[str, int] = {}
+        self.count = 0
+        self.unanswered: list[int] = []
+
+    def calls(self, tool_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for call in tool_calls:
+            self.count += 1
+            if "id" in call:
+                self.numbers.setdefault(call["id"], self.count)
+            self.unanswered.append(self.count)
+            out.append({k: v for k, v in call.items() if k != "id"})
+        return out
+
+    def result(self, call_id: str | None) -> int:
+        number = self.numbers.get(call_id) if call_id is not None else None
+        if number is None:
+            number = self.unanswered[0] if self.unanswered else 0
+        if number in self.unanswered:
+            self.unanswered.remove(number)
+        return number
+
+
 def _conversation_keys(
     messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
 ) -> tuple[bytes, bytes]:
-    """(dedupe key, split key). Comparison ignores case and whitespace differences.
+    """(dedupe key, split key). Comparison ignores case and whitespace differences, and
+    tool-call ids (see :class:`_CallNumbers`).
 
     The split key leaves out the system message and the tool definitions, so that changing
     them does not move conversations between train and eval.
     """
     system = ""
     body: list[str] = []
+    calls = _CallNumbers()
     for message in messages:
         role = message["role"]
         if role == "system":
@@ -369,7 +404,9 @@ def _conversation_keys(
         body.append(_ROLE_MARKS[role])
         body.append(message["content"])
         if "tool_calls" in message:
-            body.append(json.dumps(message["tool_calls"], sort_keys=True, ensure_ascii=False))
+            body.append(json.dumps(calls.calls(message["tool_calls"]), sort_keys=True, ensure_ascii=False))
+        elif role == "tool":
+            body.append(f"\x00r{calls.result(message.get('tool_call_id'))}")
     text = " ".join(_fold("".join(body)).split())
     split_key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
     if tools:
