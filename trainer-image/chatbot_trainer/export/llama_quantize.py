@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from chatbot_trainer.errors import StepError
+from chatbot_trainer.export.gguf_writer import apply_default_mode
 
 # Quantization name → llama.cpp's llama_ftype (LLAMA_FTYPE_MOSTLY_*).
 K_QUANTS: dict[str, int] = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
@@ -60,6 +61,7 @@ def quantize(f16_path: Path, out_path: Path, quantization: str, threads: int | N
             raise StepError(f"llama.cpp could not quantize {f16_path.name} to {quantization} (status {status})")
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        apply_default_mode(tmp)  # mkstemp made it 0600; readable like the F16 and Q8_0 files
         os.replace(tmp, out_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
