@@ -52,7 +52,7 @@ def test_parquet_with_tool_calls_and_null_columns(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), path)
     data = prepare_conversations(path, eval_fraction=0)
     assert data.report["formats"] == {"alpaca": 1, "sharegpt": 2}
-    assert data.report["tools"] == {"conversations": 1, "lines": [1]}
+    assert data.report["tools"] == {"conversations": 1, "lines": [1], "define_only": 0, "define_only_lines": []}
     assert data.train[0]["tools"][0]["function"]["name"] == "get_weather"
     assert data.train[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
 

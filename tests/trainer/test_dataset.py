@@ -324,13 +324,13 @@ class TestPrepareFailures:
         text = str(info.value)
         assert text.startswith("52 of 100 lines (52%) are malformed")
         assert "above the 10% limit (data.maxBadLineFraction)" in text
-        assert "first errors: line 3: Expecting ',' delimiter" in text
-        assert "; line 7: " in text
+        assert "first errors: lines 3, 7, 51, 52, 53, … (52 lines): Expecting ',' delimiter" in text
+        assert text.count("Expecting ',' delimiter") == 1  # one error, with the lines that have it
         assert "\n" not in text
 
     def test_unconvertible_records_count_towards_threshold(self):
         records = [conv(i) for i in range(8)] + [{"messages": [{"role": "narrator", "content": "x"}]}] * 2
-        with pytest.raises(DataError, match=r"2 of 10 records \(20%\).*record 9: "):
+        with pytest.raises(DataError, match=r"2 of 10 records \(20%\).*records 9, 10: messages\[1\]: unknown role"):
             prepare_conversations(records)
         data = prepare_conversations(records, max_bad_line_fraction=0.2)
         assert data.report["dropped"]["bad_role"] == 2

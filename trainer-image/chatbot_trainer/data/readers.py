@@ -111,6 +111,11 @@ def read_source(source: str | os.PathLike[str]) -> SourceRecords:
     if path.is_dir():
         return _read_saved_dataset(path)
     data = _read_bytes(path)
+    if data[:4] == b"GGUF":
+        raise DataError(
+            f"training data {path} is a GGUF model file, not chat data: give a model as modelType; "
+            "trainingData takes a JSONL, JSON, parquet or Arrow file of conversations"
+        )
     if data[:4] == b"PAR1":
         return _read_parquet(path)
     if path.suffix.lower() == ".arrow" or data[:6] == b"ARROW1":
@@ -202,8 +207,8 @@ def _as_utf8(path: Path, data: bytes) -> tuple[bytes, list[str]]:
         wide = _wide_encoding(sample)
         if wide is None:
             raise DataError(
-                f"training data {path} is not a text file (it holds zero bytes); give a JSONL, "
-                "JSON, parquet or Arrow file"
+                f"training data {path} is not a text file: it holds NUL bytes (0x00), as binary "
+                "files (models, archives, images) do; give a JSONL, JSON, parquet or Arrow file"
             )
         found = (*wide, 0)
         how = "without a byte-order mark"
@@ -317,7 +322,10 @@ def _read_jsonl(path: Path, data: bytes) -> SourceRecords:
         try:
             value = loads(line)
         except json.JSONDecodeError as exc:
-            errors.append(LineError(number, json_error(exc), "invalid_json"))
+            message = json_error(exc)
+            if line.strip() in _OPENERS:
+                message += f" (a line holding only {line.strip()!r}: {PRETTY_HINT})"
+            errors.append(LineError(number, message, "invalid_json"))
             continue
         except RecursionError:
             errors.append(LineError(number, "JSON nested too deeply", "invalid_json"))
@@ -335,10 +343,37 @@ def _read_jsonl(path: Path, data: bytes) -> SourceRecords:
     return SourceRecords(records, errors)
 
 
+_OPENERS = ("{", "[")
+PRETTY_HINT = (
+    "JSON objects spread over several lines (pretty-printed JSON?); JSONL needs each "
+    "conversation on one line: convert with jq -c '.' in.json > out.jsonl (or jq -c '.[]' for "
+    "an array), or give the file as one JSON array"
+)
+
+
+def _looks_pretty_printed(data: bytes) -> bool:
+    """Whether the text is JSON values written over several lines each (indented objects one
+    after another, as json.dump(indent=2) or jq without -c writes them)."""
+    first = _first_line(data).strip()
+    if first in _OPENERS:
+        return True
+    if not first.startswith("{"):
+        return False
+    try:
+        text = data[:1 << 20].decode("utf-8")
+        value, end = json.JSONDecoder().raw_decode(text, len(text) - len(text.lstrip()))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(value, dict) and "\n" in text[:end].strip()
+
+
 def _explain_unreadable(path: Path, data: bytes, errors: list[LineError], not_utf8: int) -> None:
-    """One clear error for files that are not JSONL at all (CSV, another text encoding)."""
+    """One clear error for files that are not JSONL at all (CSV, pretty-printed JSON, another
+    text encoding)."""
     if errors[0].reason == "invalid_json" and _looks_like_csv(_first_line(data)):
         raise DataError(f"training data {path}: {CSV_MESSAGE}")
+    if errors[0].reason == "invalid_json" and _looks_pretty_printed(data):
+        raise DataError(f"training data {path} looks like pretty-printed JSON: {PRETTY_HINT}")
     if not_utf8 * 2 >= len(errors):
         first = next(e for e in errors if e.reason == "invalid_utf8")
         raise DataError(
