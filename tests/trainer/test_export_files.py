@@ -116,3 +116,60 @@ def test_gguf_metadata_names_the_base_model_without_paths(model_dir, tmp_path):
                                              "(from its Q4_1 GGUF), merged and exported as q8_0")
     for key, value in fields.items():
         assert ".cache" not in value and "/root" not in value and "offline" not in value.lower(), (key, value)
+
+
+# ---------------------------------------------------------------------------- K-quants of small models
+
+
+def _gguf_with(path, tensors):
+    """A GGUF holding tensors of the given types: [(name, rows, row length, type name)]."""
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for name, rows, width, type_name in tensors:
+        if type_name == "F32":
+            writer.add_tensor(name, np.zeros(width, dtype=np.float32))
+            continue
+        qtype = gguf.GGMLQuantizationType[type_name]
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        writer.add_tensor(name, np.zeros((rows, width // block * size), dtype=np.uint8), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_k_quant_of_a_small_model_warns_what_the_fallback_did(tmp_path):
+    """SmolLM2's shape (hidden 576, intermediate 1536): most matrices fall back, the file grows."""
+    layers = []
+    for i in range(4):
+        layers += [(f"blk.{i}.attn_q.weight", 576, 576, "Q5_0"), (f"blk.{i}.attn_v.weight", 192, 576, "Q8_0"),
+                   (f"blk.{i}.ffn_up.weight", 1536, 576, "Q5_0"), (f"blk.{i}.ffn_down.weight", 576, 1536, "Q4_K"),
+                   (f"blk.{i}.attn_norm.weight", 0, 576, "F32")]
+    path = _gguf_with(tmp_path / "small.q4_k_m.gguf", [("token_embd.weight", 4096, 576, "Q8_0"), *layers])
+    warning = llama_quantize.small_model_warning(path, "q4_k_m")
+    assert warning.startswith("q4_k_m of a model this small: 13 of 17 weight matrices have rows of 576 values, "
+                              "not a multiple of 256, and cannot take K-quants; llama.cpp gave them its fallback "
+                              "types (the matrices now: 8 Q5_0, 5 Q8_0, 4 Q4_K), so the file is ")
+    assert "× the ~" in warning and "q8_0 (near-lossless) or q4_0 (smallest)" in warning
+    ratio = float(warning.split("× the")[0].rsplit(" ", 1)[1])
+    assert ratio > 1.2
+
+    fits = _gguf_with(tmp_path / "fits.q4_k_m.gguf", [("blk.0.ffn_down.weight", 512, 1024, "Q4_K"),
+                                                      ("output.weight", 512, 1024, "Q6_K"),
+                                                      ("blk.0.attn_norm.weight", 0, 1024, "F32")])
+    assert llama_quantize.small_model_warning(fits, "q4_k_m") is None
+
+
+def test_the_export_step_puts_the_warning_into_its_result(model_dir, tmp_path, fake_llama_cpp):
+    """The fallback of a tiny model (64-value rows), as llama.cpp's quantizer would leave it: the
+    export's result and status summary carry the warning."""
+    from chatbot_trainer.steps import export as export_step
+
+    fake_llama_cpp.writes = lambda source, target: gguf_writer.write_gguf(model_dir, target, "q4_0")
+    files, _, warnings = export_step._write_files(model_dir, tmp_path, "bot", {"name": "tiny"}, ["q4_k_m", "q8_0"])
+    assert [f["quantization"] for f in files] == ["q4_k_m", "q8_0"]
+    (warning,) = warnings
+    assert warning.startswith("q4_k_m of a model this small: ") and "rows of 64, 176 values" in warning
+    assert "Q4_0" in warning and not list(tmp_path.glob(".bot.f16-source*"))

@@ -46,7 +46,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     _remove_stale_merges(export_dir)
     merge_note = merge_adapter(trained, merged_dir)
 
-    files, written = _write_files(merged_dir, out_dir, name, base_identity, quantizations)
+    files, written, warnings = _write_files(merged_dir, out_dir, name, base_identity, quantizations)
 
     modelfile_path = out_dir / "Modelfile"
     modelfile_info = _write_modelfile(
@@ -67,7 +67,9 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "modelfile_system": modelfile_info,
         "loss_curve": loss_curve,
         "gguf_samples": served,
+        "warnings": warnings,
         "summary": {
+            **({"warnings": warnings} if warnings else {}),
             "model": {
                 "path": first["path"],
                 "format": "gguf",
@@ -97,7 +99,8 @@ def _base_identity(choice: dict[str, Any], label: str | None) -> dict[str, str] 
 def _write_files(merged_dir: Path, out_dir: Path, name: str, base_model: dict[str, str] | None,
                  quantizations: list[str]):
     """Every requested file, in the requested order; K-quants are made from an F16 file (the
-    requested one, or a temporary one removed afterwards)."""
+    requested one, or a temporary one removed afterwards). Returns the files' entries, what
+    gguf_writer wrote, and warnings (K-quants a model's row sizes defeat)."""
     from chatbot_trainer.export import gguf_writer, llama_quantize
 
     k_quants = [q for q in quantizations if q in llama_quantize.K_QUANTS]
@@ -109,6 +112,7 @@ def _write_files(merged_dir: Path, out_dir: Path, name: str, base_model: dict[st
     vocab_size = int(gguf_writer.load_config(merged_dir).get("vocab_size") or 0) or None
     by_quant: dict[str, dict[str, Any]] = {}
     infos: dict[str, Any] = {}
+    warnings: list[str] = []
     for quant in direct:
         keep = quant in quantizations
         target = out_dir / (f"{name}.{quant}.gguf" if keep else f".{name}.f16-source.gguf")
@@ -131,12 +135,15 @@ def _write_files(merged_dir: Path, out_dir: Path, name: str, base_model: dict[st
         checked = gguf_writer.verify_gguf(target, arch=source.arch, tensor_count=source.tensor_count,
                                           vocab_size=vocab_size)
         note = llama_quantize.fallback_note(quant, checked["tensor_types"])
+        small = llama_quantize.small_model_warning(target, quant)
+        if small:
+            warnings.append(small)
         by_quant[quant] = _file_entry(target, quant, checked["tensor_types"], [], source.tokenizer_pre,
                                       [note] if note else [], round(time.perf_counter() - started, 2))
     if source is not None and "f16" not in quantizations:
         Path(source.path).unlink(missing_ok=True)
     files = [by_quant[q] for q in quantizations]
-    return files, [infos[q] for q in direct if q in infos]
+    return files, [infos[q] for q in direct if q in infos], warnings
 
 
 def _write_direct(merged_dir: Path, target: Path, quant: str, name: str, base_model: dict[str, str] | None):
