@@ -16,6 +16,9 @@ on 512-token micro-batches as on larger ones, and peak memory falls with the mic
 bounded by what fits in the memory this process may use (the cgroup limit or MemAvailable,
 shared by the training processes of the node), estimated from the model's shape, so a local run
 fits the machine it runs on.
+
+CPU threads: a step sizes its thread pools by its container's CPU quota (a pod's CPU limit),
+not by the node's cores (`apply_cpu_threads`, at process start, before torch is imported).
 """
 
 from __future__ import annotations
