@@ -15,6 +15,8 @@ from chatbot_api.base import ApiModel, CrossFieldRule
 from chatbot_api.corev1 import (
     DnsSubdomain,
     ImageRef,
+    LABEL_MAP_SCHEMA,
+    MAX_LABELS,
     LabelKeyOfMap,
     LabelValue,
     ResourcesSpec,
@@ -54,7 +56,8 @@ class ServeSpec(ApiModel):
     resources: ResourcesSpec | None = Field(
         None, description="CPU/memory requests and limits of the server container.")
     node_selector: dict[LabelKeyOfMap, LabelValue] = Field(
-        default_factory=dict, max_length=64, description="Node labels the server pods must run on.")
+        default_factory=dict, max_length=MAX_LABELS, json_schema_extra=LABEL_MAP_SCHEMA,
+        description="Node labels the server pods must run on.")
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=64, description="Tolerations of the server pods.")
     api_key_secret: SecretKeyRef | None = Field(

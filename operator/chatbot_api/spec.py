@@ -22,6 +22,8 @@ from chatbot_api.corev1 import (
     Affinity,
     DnsSubdomain,
     ImageRef,
+    LABEL_MAP_SCHEMA,
+    MAX_LABELS,
     LabelKeyOfMap,
     LabelValue,
     ResourcesSpec,
@@ -297,7 +299,8 @@ class ChatbotTrainingSpec(TrainingParams):
         None, description="CPU/memory requests and limits of the step containers."
     )
     node_selector: dict[LabelKeyOfMap, LabelValue] = Field(
-        default_factory=dict, max_length=64, description="Node labels the GPU steps must run on."
+        default_factory=dict, max_length=MAX_LABELS, json_schema_extra=LABEL_MAP_SCHEMA,
+        description="Node labels the GPU steps must run on."
     )
     tolerations: list[Toleration] = Field(
         default_factory=list,
@@ -377,8 +380,20 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
     ),
 )
 
+def world_size(spec: "ChatbotTrainingSpec") -> int:
+    """Training processes of the train step: one per GPU (at least one) on each node."""
+    return spec.nodes * max(spec.gpu.count, 1)
+
+
 # Rules over the cluster-only part of the spec (not checked by the trainer).
 CLUSTER_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(
+        cel="self.batchSize % ((has(self.nodes) ? self.nodes : 1) * (has(self.gpu) && "
+        "has(self.gpu.count) && self.gpu.count > 1 ? self.gpu.count : 1)) == 0",
+        message="batchSize must be a multiple of the number of training processes, "
+        "nodes × gpu.count: each process takes an equal share of every batch",
+        holds=lambda s: s.batch_size % world_size(s) == 0,
+    ),
     CrossFieldRule(
         cel="!has(self.workspace) || !has(self.workspace.existingClaim) "
         "|| !has(self.workspace.storageClassName)",

@@ -164,7 +164,9 @@ def indexed(job: dict[str, Any], spec: ChatbotTrainingSpec) -> dict[str, Any]:
         {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
             "fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}},
     ]
-    container["ports"] = [{"name": "rendezvous", "containerPort": MASTER_PORT}]
+    # Beside the step's own ports (the live progress the operator reads), not instead of them.
+    container["ports"] = [*(port for port in container.get("ports") or [] if port.get("name") != "rendezvous"),
+                          {"name": "rendezvous", "containerPort": MASTER_PORT}]
     return job
 
 

@@ -111,7 +111,9 @@ def _build_run(tmp: Path, arch: str, tokenizer) -> dict:
     (ws / "configure").mkdir(parents=True)
     (ws / "train").mkdir()
     label = f"tiny-{arch} (built from a config, random init)"
-    (ws / "configure" / "result.json").write_text(json.dumps({"base_model": {"label": label}}))
+    choice = models.BaseModelChoice(f"tiny-{arch}", "scratch", f"tiny-{arch}", arch).to_dict()
+    assert choice["label"] == label
+    (ws / "configure" / "result.json").write_text(json.dumps({"base_model": choice}))
     (ws / "train" / "result.json").write_text(json.dumps(
         {"base_model_path_for_adapter": str(base_dir), "adapter_path": str(adapter_dir)}))
     params = TrainingParams.model_validate({
@@ -205,7 +207,9 @@ def test_gguf_metadata_tokenizer_and_template(run, tokenizer):
     field = lambda key: reader.fields[key].contents()  # noqa: E731
     assert field("general.architecture") == run["arch"]
     assert field("general.name") == field("general.basename") == f"tiny-{run['arch']}-bot"
-    assert field("general.base_model.0.name") == run["label"] and run["label"] in field("general.description")
+    assert field("general.base_model.0.name") == f"tiny-{run['arch']}"
+    assert field("general.description") == (f"tiny-{run['arch']}-bot: LoRA chat fine-tune of tiny-{run['arch']}, "
+                                            "merged and exported as q8_0")
     assert field("general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
     assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
     tokens = field("tokenizer.ggml.tokens")

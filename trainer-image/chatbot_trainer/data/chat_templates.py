@@ -165,7 +165,8 @@ def check_chat_template(tokenizer, model: str, data_report: dict[str, Any], max_
     """What the base model's chat template means for the prepared data, before training.
 
     Returns ``{"tools": "supported" | "unsupported" | "not used", "tools_gap",
-    "tool_conversations", "default_system_prompt", "conversations_without_system_prompt",
+    "tool_conversations", "tool_definitions_only", "default_system_prompt",
+    "conversations_without_system_prompt",
     "warnings": [...], "notes": [...]}``.
     Raises :class:`InvalidData` when the template cannot express tools and more than
     ``max_unusable_fraction`` of the kept conversations use them (training would silently
@@ -175,7 +176,9 @@ def check_chat_template(tokenizer, model: str, data_report: dict[str, Any], max_
     unit = data_report.get("unit", "line")
     kept = int(data_report.get("kept", 0))
     tool_rows = data_report.get("tools") or {"conversations": 0, "lines": []}
-    count = int(tool_rows.get("conversations", 0))
+    calls = int(tool_rows.get("conversations", 0))
+    define_only = int(tool_rows.get("define_only", 0))
+    count = calls + define_only  # a template without tools loses the definitions of both
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     whose = (
         f"{model} (the trainer's ChatML template)"
@@ -184,10 +187,14 @@ def check_chat_template(tokenizer, model: str, data_report: dict[str, Any], max_
     )
     gap = tool_support_gap(tokenizer) if count else None
     if count and gap:
-        problem = (
-            f"the chat template of {whose} cannot express tool calls ({gap}): {count} of {kept} "
-            f"conversations use tools ({_lines(tool_rows, unit)})"
-        )
+        used = []
+        if calls:
+            used.append(f"{calls} of {kept} conversations call tools ({_lines(tool_rows, unit)})")
+        if define_only:
+            only = {"conversations": define_only, "lines": tool_rows.get("define_only_lines", [])}
+            used.append(f"{define_only}{' more' if calls else f' of {kept} conversations'} only define "
+                        f"tools ({_lines(only, unit)})")
+        problem = f"the chat template of {whose} cannot express tool calls ({gap}): {' and '.join(used)}"
         if kept and count / kept > max_unusable_fraction:
             raise InvalidData(
                 f"{problem}; choose a base model whose template supports tools (e.g. "
@@ -209,7 +216,8 @@ def check_chat_template(tokenizer, model: str, data_report: dict[str, Any], max_
     return {
         "tools": "not used" if not count else ("unsupported" if gap else "supported"),
         "tools_gap": gap,
-        "tool_conversations": count,
+        "tool_conversations": calls,
+        "tool_definitions_only": define_only,
         "default_system_prompt": default,
         "conversations_without_system_prompt": without,
         "warnings": warnings,
