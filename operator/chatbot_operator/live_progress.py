@@ -128,6 +128,7 @@ def from_report(report: Any, step: str, now: str) -> dict[str, Any] | None:
         "loss": _number(report.get("loss")),
         "tokensPerSecond": _number(report.get("tokens_per_second")),
         "learningRate": _number(report.get("learning_rate")),
+        "phase": report.get("phase") if isinstance(report.get("phase"), str) else None,
         "lastUpdated": now,
     }
     block = {key: value for key, value in block.items() if value is not None}
