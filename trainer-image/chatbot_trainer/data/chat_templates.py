@@ -23,6 +23,11 @@ from chatbot_trainer.errors import InvalidData
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
+# Variables every rendering passes to the chat template. Llama 3.1/3.2 templates write "Today
+# Date: …" into the system turn, from `date_string` or else today's date: fixing it keeps the
+# tokenized data the same from day to day and equal to what the exported Modelfile serves.
+TEMPLATE_VARIABLES = {"date_string": "26 Jul 2024"}
+
 # ChatML, with {% generation %} markers so transformers can mark the assistant tokens (the
 # tokens the loss is computed on). The assistant turn's <|im_end|> is trained too: that is
 # what teaches the model to stop. Exporters strip the markers (other engines do not know them).
