@@ -52,6 +52,9 @@ DATA_URI = (
 )
 # modelType: a preset, a hub id, a path in the image, or pvc://<claim>/<path>.
 MODEL_REF = rf"^({PVC_URI}|{LOCAL_PATH})$"
+# chatTemplate: a built-in template name, or a Jinja file (an absolute path in the image or
+# pvc://<claim>/<path>).
+CHAT_TEMPLATE_REF = rf"^([a-z][a-z0-9.-]*|/.+|{PVC_URI})$"
 
 
 # ---------------------------------------------------------------------------- training
@@ -159,6 +162,16 @@ class TrainingParams(ApiModel):
         pattern=MODEL_REF,
         description="Base model: a preset (gpt, llama, qwen2, mistral, smollm, scratch-gpt, "
         "scratch-llama), a Hugging Face hub id, or a path on a volume.",
+    )
+    chat_template: str | None = Field(
+        None,
+        max_length=1024,
+        pattern=CHAT_TEMPLATE_REF,
+        description="Chat template to train with, instead of the base model's: a built-in "
+        "(chatml: ChatML; chatml-tools: ChatML with tool definitions, calls and results in "
+        "Qwen2.5's format, for ChatML models such as SmolLM2) or a Jinja file (a path in the "
+        "image or pvc://<claim>/<path>). Checked against the tokenizer's special tokens; "
+        "written into the GGUF and the Modelfile.",
     )
     training_steps: int = Field(1000, ge=1, le=1_000_000, description="Optimizer steps.")
     batch_size: int = Field(
@@ -429,6 +442,7 @@ NAME_RULE = CrossFieldRule(
 IMMUTABLE_FIELDS: tuple[str, ...] = (
     "trainingData",
     "modelType",
+    "chatTemplate",
     "trainingSteps",
     "batchSize",
     "learningRate",

@@ -444,6 +444,10 @@ QWEN_ONLY = {
 
 
 def real_template(family: str) -> tuple[str, dict[str, str]]:
+    if family == "chatml-tools":  # the trainer's built-in, as the GGUF carries it
+        from chatbot_trainer.export.gguf_writer import strip_generation_tags
+
+        return strip_generation_tags(chat_templates.CHATML_TOOLS_TEMPLATE), {"eos_token": "<|im_end|>"}
     name, special = REAL_TEMPLATES[family]
     return (TEMPLATES_DIR / name).read_text(), special
 
@@ -472,7 +476,7 @@ def same_json(text: str) -> str:
     return "".join(out)
 
 
-@pytest.mark.parametrize("family", sorted(REAL_TEMPLATES))
+@pytest.mark.parametrize("family", [*sorted(REAL_TEMPLATES), "chatml-tools"])
 @pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
 def test_real_templates_without_tools_render_byte_for_byte(go_render, family, conversation):
     template, special = real_template(family)
@@ -481,10 +485,10 @@ def test_real_templates_without_tools_render_byte_for_byte(go_render, family, co
     assert go_render(go_template, system, messages) == hf_render(template, messages, special)
 
 
-@pytest.mark.parametrize("family", sorted(REAL_TEMPLATES))
+@pytest.mark.parametrize("family", [*sorted(REAL_TEMPLATES), "chatml-tools"])
 @pytest.mark.parametrize("conversation", sorted(TOOL_CONVERSATIONS) + sorted(QWEN_ONLY))
 def test_real_templates_with_tools_render_the_same_up_to_json_spacing(go_render, family, conversation):
-    if conversation in QWEN_ONLY and family != "qwen2.5":
+    if conversation in QWEN_ONLY and family.startswith("llama"):
         pytest.skip("Llama 3.1/3.2 templates take one tool call per turn")
     template, special = real_template(family)
     go_template, system = modelfile_parts(template, special)
@@ -513,3 +517,4 @@ def test_templates_ollama_cannot_match_are_left_to_the_gguf():
     assert modelfile.ollama_template("{{ messages }}{% if tools %}[TOOLS]{% endif %}") is None
     assert modelfile.ollama_template(real_template("qwen2.5")[0]) == modelfile.CHATML_TOOLS_OLLAMA_TEMPLATE
     assert modelfile.ollama_template(real_template("llama3.2")[0]) == modelfile.LLAMA31_OLLAMA_TEMPLATE
+    assert modelfile.ollama_template(real_template("chatml-tools")[0]) == modelfile.CHATML_TOOLS_OLLAMA_TEMPLATE

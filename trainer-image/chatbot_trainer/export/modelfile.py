@@ -37,8 +37,18 @@ from __future__ import annotations
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 LLAMA3_HEADER, LLAMA3_EOT = "<|start_header_id|>", "<|eot_id|>"
-TOOL_CALL_TAG = "<tool_call>"
-LLAMA31_TOOLS_MARK = "Environment: ipython"
+# Sentences of the tool instructions that identify a template family's tool format exactly.
+QWEN25_TOOLS_MARKS = (
+    "You are provided with function signatures within <tools></tools> XML tags:",
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:",
+    "<tool_response>",
+)
+LLAMA31_TOOLS_MARKS = (
+    "Environment: ipython",
+    "Cutting Knowledge Date: December 2023",
+    "Given the following functions, please respond with a JSON for a function call",
+)
 # The date the Llama 3.1/3.2 templates write into their system header when the renderer gives
 # none; training renders with it too (data/chat_templates.TEMPLATE_VARIABLES), so the served
 # prompt carries the date the model was trained with.
@@ -231,12 +241,12 @@ def is_llama3(chat_template: str | None) -> bool:
 
 def is_chatml_tools(chat_template: str | None) -> bool:
     """ChatML with Qwen2.5's tool format (Qwen2.5, the trainer's chatml-tools)."""
-    return is_chatml(chat_template) and TOOL_CALL_TAG in chat_template and "tools" in chat_template
+    return is_chatml(chat_template) and all(mark in chat_template for mark in QWEN25_TOOLS_MARKS)
 
 
 def is_llama31(chat_template: str | None) -> bool:
     """Llama 3.1/3.2/3.3 (the system header with the knowledge cut-off, tools as ipython)."""
-    return is_llama3(chat_template) and LLAMA31_TOOLS_MARK in chat_template
+    return is_llama3(chat_template) and all(mark in chat_template for mark in LLAMA31_TOOLS_MARKS)
 
 
 def _has_tools(chat_template: str) -> bool:

@@ -118,7 +118,8 @@ class LoRAFinetuneRecipe:
     def _setup_data(self) -> None:
         """Tokenizer; the training conversations tokenized, then packed (or padded) into sequences."""
         params = self.params
-        self.tokenizer, self.added_tokens = load_tokenizer_with_template(self.plan.base_model_path)
+        self.tokenizer, self.added_tokens = load_tokenizer_with_template(
+            self.plan.base_model_path, self.params.chat_template)
         if not self.data_file.is_file():
             raise InvalidData(f"{self.data_file} is missing: run the prepare step first")
         from chatbot_trainer.data.dataset import load_jsonl
