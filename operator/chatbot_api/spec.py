@@ -52,9 +52,9 @@ DATA_URI = (
 )
 # modelType: a preset, a hub id, a path in the image, or pvc://<claim>/<path>.
 MODEL_REF = rf"^({PVC_URI}|{LOCAL_PATH})$"
-# chatTemplate: a built-in template name, or a Jinja file (an absolute path in the image or
+# chatTemplate: a built-in template name, or a Jinja file (a path with a "/" in it, or
 # pvc://<claim>/<path>).
-CHAT_TEMPLATE_REF = rf"^([a-z][a-z0-9.-]*|/.+|{PVC_URI})$"
+CHAT_TEMPLATE_REF = rf"^([a-z][a-z0-9.-]*|[^:]*/[^:]*|{PVC_URI})$"
 
 
 # ---------------------------------------------------------------------------- training
@@ -169,8 +169,8 @@ class TrainingParams(ApiModel):
         pattern=CHAT_TEMPLATE_REF,
         description="Chat template to train with, instead of the base model's: a built-in "
         "(chatml: ChatML; chatml-tools: ChatML with tool definitions, calls and results in "
-        "Qwen2.5's format, for ChatML models such as SmolLM2) or a Jinja file (a path in the "
-        "image or pvc://<claim>/<path>). Checked against the tokenizer's special tokens; "
+        "Qwen2.5's format, for ChatML models such as SmolLM2) or a Jinja file (a path with a / "
+        "in it, in the image, or pvc://<claim>/<path>). Checked against the tokenizer's special tokens; "
         "written into the GGUF and the Modelfile.",
     )
     training_steps: int = Field(1000, ge=1, le=1_000_000, description="Optimizer steps.")

@@ -148,11 +148,17 @@ def test_a_template_needing_tokens_the_tokenizer_lacks_is_refused(tmp_path):
     assert choose_chat_template(chatml, "chatml-tools", "acme/chatml") == CHATML_TOOLS_TEMPLATE
 
 
-def test_a_jinja_file_is_used_as_given(chatml_tokenizer, tmp_path):
+def test_a_jinja_file_is_used_as_given(chatml_tokenizer, tmp_path, monkeypatch):
     path = tmp_path / "mine.jinja"
     path.write_text(QWEN25.read_text())
     choose_chat_template(chatml_tokenizer, str(path), "tiny")
     assert chatml_tokenizer.chat_template == QWEN25.read_text()
+    monkeypatch.chdir(tmp_path)
+    chatml_tokenizer.chat_template = CHATML_TEMPLATE
+    choose_chat_template(chatml_tokenizer, "./mine.jinja", "tiny")
+    assert chatml_tokenizer.chat_template == QWEN25.read_text()
+    with pytest.raises(InvalidConfig, match=r"unknown chatTemplate 'mine.jinja'.*\./mine\.jinja"):
+        choose_chat_template(chatml_tokenizer, "mine.jinja", "tiny")
 
 
 def _report(kept: int, tool_rows: list[int]) -> dict:
@@ -187,7 +193,7 @@ def test_spec_accepts_names_and_files_only():
 
     from chatbot_api.spec import TrainingParams
 
-    for value in ("chatml-tools", "chatml", "/templates/mine.jinja", "pvc://templates/mine.jinja"):
+    for value in ("chatml-tools", "chatml", "/templates/mine.jinja", "./mine.jinja", "pvc://templates/mine.jinja"):
         assert TrainingParams(training_data="/d.jsonl", chat_template=value).chat_template == value
     for value in ("https://example.com/t.jinja", "Chat Template", "s3://bucket/t.jinja"):
         with pytest.raises(ValidationError):

@@ -130,12 +130,12 @@ def read_chat_template(choice: str, pvc_root: str | None = None) -> str:
             path = pvc_path(choice, pvc_root)
         except DataError as exc:
             raise InvalidConfig(f"chatTemplate: {exc}") from exc
-    elif choice.startswith("/"):
+    elif "/" in choice:
         path = Path(choice)
     else:
         raise InvalidConfig(
-            f"unknown chatTemplate {choice!r}: use a built-in ({builtins}), an absolute path to a "
-            "Jinja file in the image, or pvc://<claim>/<path>"
+            f"unknown chatTemplate {choice!r}: use a built-in ({builtins}), the path of a Jinja file "
+            "(with a /: /templates/mine.jinja, ./mine.jinja) or pvc://<claim>/<path>"
         )
     if not path.is_file():
         raise InvalidConfig(f"chatTemplate {choice!r}: no file at {path}")
