@@ -174,7 +174,7 @@ def test_configure_suggests_chatml_tools_for_a_chatml_model(chatml_tokenizer):
     assert "set chatTemplate: chatml-tools" in warned["warnings"][0]
 
     choose_chat_template(chatml_tokenizer, "chatml-tools", "smollm")
-    result = check_chat_template(chatml_tokenizer, "smollm", _report(10, [1, 2, 3]), 0.1)
+    result = check_chat_template(chatml_tokenizer, "smollm", _report(10, [1, 2, 3]), 0.1, chat_template="chatml-tools")
     assert (result["template"], result["tools"], result["warnings"]) == ("chatml-tools", "supported", [])
 
 

@@ -261,6 +261,7 @@ def test_prepare_counts_tool_rows_and_configure_refuses_a_template_without_tools
     with pytest.raises(InvalidData) as info:
         _run_steps(tmp_path, data, "configure")
     assert "the chat template of tiny-gpt" in info.value.message
+    assert "set chatTemplate: chatml-tools" in info.value.message  # the model has ChatML's tokens
     assert "3 of 20 conversations call tools (lines 1, 2, 3)" in info.value.message
     message = json.loads((tmp_path / "configure.msg").read_text())
     assert message["reason"] == "InvalidData" and "tools" in message["message"]

@@ -182,11 +182,6 @@ def choose_chat_template(tokenizer, choice: str, model: str, pvc_root: str | Non
     return template
 
 
-def builtin_template_name(template: str | None) -> str | None:
-    """The chatTemplate name of a built-in template's text, or None."""
-    return next((name for name, (text, _) in BUILTIN_TEMPLATES.items() if text == template), None)
-
-
 def is_chatml_tokenizer(tokenizer) -> bool:
     """Whether the vocabulary has ChatML's turn tokens (chatml-tools fits it)."""
     vocab = tokenizer.get_vocab()
@@ -315,10 +310,14 @@ def _lines(entry: dict[str, Any], unit: str, shown: int = 5) -> str:
     return f"{unit}{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))}{more}"
 
 
-def check_chat_template(tokenizer, model: str, data_report: dict[str, Any], max_unusable_fraction: float) -> dict[str, Any]:
+def check_chat_template(
+    tokenizer, model: str, data_report: dict[str, Any], max_unusable_fraction: float,
+    chat_template: str | None = None,
+) -> dict[str, Any]:
     """What the base model's chat template means for the prepared data, before training.
 
-    Returns ``{"tools": "supported" | "unsupported" | "not used", "tools_gap",
+    ``chat_template`` is the spec's chatTemplate the tokenizer was given, if any.
+    Returns ``{"template", "tools": "supported" | "unsupported" | "not used", "tools_gap",
     "tool_conversations", "tool_definitions_only", "default_system_prompt",
     "conversations_without_system_prompt",
     "warnings": [...], "notes": [...]}``.
@@ -334,10 +333,11 @@ def check_chat_template(tokenizer, model: str, data_report: dict[str, Any], max_
     define_only = int(tool_rows.get("define_only", 0))
     count = calls + define_only  # a template without tools loses the definitions of both
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    chosen = builtin_template_name(template)
+    chosen = chat_template or None
     whose = (
-        f"{model} (the trainer's ChatML template)" if template == CHATML_TEMPLATE
-        else f"{model} (chatTemplate {chosen})" if chosen else model
+        f"{model} (chatTemplate {chosen})" if chosen
+        else f"{model} (the trainer's ChatML template)" if template == CHATML_TEMPLATE
+        else model
     )
     gap = tool_support_gap(tokenizer) if count else None
     suggestion = (
@@ -373,7 +373,7 @@ def check_chat_template(tokenizer, model: str, data_report: dict[str, Any], max_
             "to use another"
         )
     return {
-        "template": chosen or "the base model's",
+        "template": chosen or ("the trainer's ChatML" if template == CHATML_TEMPLATE else "the base model's"),
         "tools": "not used" if not count else ("unsupported" if gap else "supported"),
         "tools_gap": gap,
         "tool_conversations": calls,
