@@ -607,7 +607,8 @@ TEMPLATE """{{- if .Messages }}
 {{- if .Prompt }}<|im_start|>user
 {{ .Prompt }}<|im_end|>
 {{ end }}<|im_start|>assistant
-{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"""
+{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>
+{{ end }}"""
 SYSTEM """You are a terse geography bot."""
 PARAMETER stop "<|im_end|>"
 PARAMETER stop "<|im_start|>"
