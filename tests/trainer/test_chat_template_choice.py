@@ -200,15 +200,6 @@ def test_spec_accepts_names_and_files_only():
             TrainingParams(training_data="/d.jsonl", chatTemplate=value)
 
 
-def test_the_operator_mounts_a_pvc_template_for_configure_and_train():
-    from chatbot_api.spec import ChatbotTrainingSpec
-    from chatbot_operator.manifests import claim_mounts
-
-    spec = ChatbotTrainingSpec(training_data="/d.jsonl", chat_template="pvc://templates/t.jinja")
-    assert claim_mounts(spec, "configure") == {"templates": True} == claim_mounts(spec, "train")
-    assert claim_mounts(spec, "export") == {}
-
-
 # ---------------------------------------------------------------------------- the steps
 
 
