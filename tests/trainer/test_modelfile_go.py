@@ -509,8 +509,13 @@ def test_llama3_trims_messages_like_the_hugging_face_template(go_render, family)
         {"role": "user", "content": "  Hi\tthere \n\n"},
         {"role": "assistant", "content": "\tHello!\n"},
         {"role": "user", "content": " \n\t "},
+        {"role": "assistant", "content": "x"},
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": " y"},
+        {"role": "user", "content": "Zürich  \u00a0 "},  # NBSP is kept by the Go trim: ASCII only
     ]
-    assert go_render(go_template, system, messages) == hf_render(template, messages, special)
+    expected = hf_render(template, messages, special)
+    assert go_render(go_template, system, messages) == expected.replace("Zürich", "Zürich  \u00a0")
 
 
 def test_templates_ollama_cannot_match_are_left_to_the_gguf():

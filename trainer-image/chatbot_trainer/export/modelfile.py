@@ -141,19 +141,22 @@ For each function call, return a json object with function name and arguments wi
 """ + _CHATML_LEGACY
 
 # Jinja's `| trim` in Go's template language (which has no string functions): the text between
-# the first and the last byte that is not ASCII whitespace. Llama 3 templates trim every message.
+# the first and the last byte that is not ASCII whitespace. Both ends are found by a loop that
+# stops at the first non-space byte (`break`), so a long message costs no more than a short one;
+# the loop from the end reads byte len-1-i as `len (slice $short $i)`, $short being the text
+# without its first byte (templates have no arithmetic). Llama 3 templates trim every message.
+_WHITESPACE = "(or (eq $b 32) (eq $b 9) (eq $b 10) (eq $b 11) (eq $b 12) (eq $b 13))"
 _TRIM = """{{- define "trim" }}
-{{- $start := -1 }}{{ $end := 0 }}{{ $text := false }}
-{{- range $i := len $ }}
-{{- if $text }}{{ $end = $i }}{{ end }}
-{{- $b := index $ $i }}
-{{- $text = not (or (eq $b 32) (eq $b 9) (eq $b 10) (eq $b 11) (eq $b 12) (eq $b 13)) }}
-{{- if and $text (lt $start 0) }}{{ $start = $i }}{{ end }}
+{{- $start := -1 }}
+{{- range $i := len $ }}{{ $b := index $ $i }}{{ if not WS }}{{ $start = $i }}{{ break }}{{ end }}{{ end }}
+{{- if ge $start 0 }}
+{{- $end := len $ }}{{ $short := slice $ 1 }}
+{{- range $i := len $ }}{{ $b := index $ (len (slice $short $i)) }}
+{{- if not WS }}{{ $end = len (slice $ $i) }}{{ break }}{{ end }}{{ end }}
+{{- slice $ $start $end }}
 {{- end }}
-{{- if $text }}{{ $end = len $ }}{{ end }}
-{{- if ge $start 0 }}{{ slice $ $start $end }}{{ end }}
 {{- end }}
-"""
+""".replace("WS", _WHITESPACE)
 
 _LLAMA3_LEGACY = """{{- else }}
 {{- if .System }}<|start_header_id|>system<|end_header_id|>
