@@ -130,8 +130,14 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--timeout", type=float, default=300, help="per client request (s)")
-    parser.add_argument("--output", type=Path, default=BENCH_DIR / "results" / "serve_load.json")
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--quick", action="store_true",
+                        help="2 clients, one slot, 8 tokens: checks that it runs")
     args = parser.parse_args()
+    if args.quick:
+        args.clients, args.parallel, args.max_tokens = [2], [1], 8
+    args.output = args.output or BENCH_DIR / "results" / (
+        "serve_load.quick.json" if args.quick else "serve_load.json")
     rounds = []
     for parallel in args.parallel:
         port = free_port()

@@ -171,6 +171,9 @@ def test_loading_then_api_key():
     status, body = asyncio.run(call(app, "GET", "/v1/models",
                                     headers=[(b"authorization", b"Bearer secret")]))
     assert status == 200 and [m["id"] for m in body["data"]] == ["m"]
+    assert asyncio.run(call(app, "GET", "/v1/models", headers=[(b"x-api-key", b"secret")]))[0] \
+        == 200
+    assert asyncio.run(call(app, "GET", "/v1/health"))[0] == 200
 
 
 # ----------------------------------------------------------------------------- a fake model

@@ -3,8 +3,9 @@
 never end silently.
 
 Routes (with or without the `/v1` prefix, as llama-server): `POST /v1/chat/completions`,
-`POST /v1/completions`, `GET /v1/models`, `GET /health` (503 while the model loads or after it
-failed, 200 once it answers; it needs no key). An unknown path is a 404, a known path with
+`POST /v1/completions`, `GET /v1/models`, `GET /health` or `/v1/health` (503 while the model
+loads or after it failed, 200 once it answers; it needs no key, every other route does when
+the server has one: `Authorization: Bearer KEY` or `X-Api-Key: KEY`, as llama-server). An unknown path is a 404, a known path with
 another method a 405, both in OpenAI's error shape.
 
 A generation runs in a worker thread; its chunks reach the client as they come (server-sent
@@ -114,6 +115,8 @@ class ModelServer:
         path = scope["path"].rstrip("/") or "/"
         if path in ("/chat/completions", "/completions", "/models"):
             path = "/v1" + path
+        elif path == "/v1/health":
+            path = HEALTH
         method = scope.get("method", "GET")
         if path not in METHODS:
             raise ApiError(404, f"Invalid URL ({method} {scope['path']})", code="not_found")
@@ -151,8 +154,10 @@ class ModelServer:
         if not self.api_key:
             return
         headers = dict(scope.get("headers") or [])
-        given = headers.get(b"authorization", b"").decode(errors="replace")
-        if given != f"Bearer {self.api_key}":
+        # As llama-server: the key in Authorization (with or without "Bearer ") or X-Api-Key.
+        given = (headers.get(b"authorization") or headers.get(b"x-api-key") or b"").decode(
+            errors="replace").removeprefix("Bearer ")
+        if given != self.api_key:
             raise ApiError(401, "Invalid API Key", "authentication_error", code="invalid_api_key")
 
     # ------------------------------------------------------------------ generation
