@@ -76,7 +76,6 @@ class ModelServer:
         self.api_key = api_key
         self.slots: Slots[Any] | None = None
         self.failure: str | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="slot")
         self._instances: list[Any] | None = None
         self.created = int(time.time())
@@ -103,13 +102,25 @@ class ModelServer:
             return await _lifespan(receive, send)
         if scope["type"] != "http":
             return
-        self.loop = asyncio.get_running_loop()
+        started = False
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self._route(scope, receive, send)
+            await self._route(scope, receive, tracked_send)
         except Cancelled:
             pass  # the client went away: nobody to answer
         except ApiError as error:
             await send_json(send, error.status, error.body(), _retry_after(error))
+        except Exception as exc:
+            if started:
+                raise
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            await send_json(send, 500, ApiError(500, f"{type(exc).__name__}: {exc}",
+                                                "server_error").body())
 
     async def _route(self, scope: dict, receive: Callable, send: Callable) -> None:
         path = scope["path"].rstrip("/") or "/"
