@@ -125,6 +125,7 @@ def test_cgroup_cpu_limit_caps_the_threads(tmp_path):
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert slots.cgroup_cpu_quota(tmp_path) is None
     assert slots.threads_per_slot(8, 3) == 2 and slots.threads_per_slot(1, 4) == 1
+    assert slots.threads_per_slot(2, 1) == 1 and slots.threads_per_slot(16, 1) == 15
 
 
 # ----------------------------------------------------------------------------- routes

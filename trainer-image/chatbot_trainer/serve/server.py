@@ -7,7 +7,8 @@ and this one answers the same requests the same way where it can (README, "Serve
 lists where they differ):
 - `--parallel` slots run requests at once (default 1: llama-cpp-python runs one completion
   at a time per model instance; each slot loads its own instance on the memory-mapped file
-  and gets `--threads` CPU threads, by default the CPUs it may use shared among the slots);
+  and gets `--threads` CPU threads, by default the CPUs it may use but one shared among the
+  slots);
   up to `--queue` more wait for a slot, one beyond that gets a 503 in OpenAI's shape
   (slots.py); a stream is never interrupted by another request;
 - `/health`: 503 `{"status": "loading model"}` while the file loads, 200 `{"status": "ok"}`
@@ -70,7 +71,8 @@ def add_parser(sub: Any) -> None:
                         f"(default: {DEFAULT_QUEUE})")
     parser.add_argument("--threads", "-t", type=_positive,
                         help="CPU threads of each slot (default: the CPUs this process may use, "
-                        "its cgroup's CPU limit included, divided by --parallel)")
+                        "its cgroup's CPU limit included, less one, divided by --parallel; "
+                        "at least 1)")
     parser.add_argument("--grace", type=float, default=DEFAULT_GRACE,
                         help="on SIGTERM/SIGINT, seconds to let running and queued requests "
                         f"finish before exiting (default: {DEFAULT_GRACE:g})")

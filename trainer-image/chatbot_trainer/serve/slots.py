@@ -84,8 +84,11 @@ def cgroup_cpu_quota(root: Path) -> float | None:
 
 
 def threads_per_slot(cpus: int, parallel: int) -> int:
-    """Each slot's llama.cpp threads when not given: the CPUs shared among the slots."""
-    return max(1, cpus // max(1, parallel))
+    """Each slot's llama.cpp threads when not given: the CPUs but one (the event loop and the
+    HTTP side need one too) shared among the slots, at least 1. llama.cpp's threads wait for
+    each other at every step, so more threads than free cores is much slower, not faster (2
+    threads on 2 busy cores: 1.3–2.5 tokens/s; 1 thread: 14–25)."""
+    return max(1, (cpus - 1) // max(1, parallel))
 
 
 def describe(slots: Slots[Any]) -> dict[str, int]:
