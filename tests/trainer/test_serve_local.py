@@ -302,6 +302,16 @@ def test_stop_and_max_tokens(server: Server):
     assert whole.choices[0].message.content == ANSWER
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_prompt_longer_than_the_context_is_a_400(server: Server, stream: bool):
+    status, body = server.chat(messages=[{"role": "user", "content": "Hello there " * 200}],
+                               max_tokens=8, stream=stream)
+    assert status == 400, body
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and "context" in error["message"]
+    assert server.chat(messages=QUESTION_MESSAGES, temperature=0, max_tokens=32)[0] == 200
+
+
 @pytest.mark.parametrize("method, path, status", [
     ("GET", "/v1/nowhere", 404), ("GET", "/v1/chat/completions", 405)])
 def test_unknown_paths_and_methods_get_openai_errors(server: Server, method, path, status):
