@@ -87,3 +87,9 @@ def test_a_change_of_parallel_rolls_the_deployment():
     hash_key = serving.ANNOTATION_SPEC_HASH
     assert deployment(parallel=2)["metadata"]["annotations"][hash_key] != \
         deployment()["metadata"]["annotations"][hash_key]
+
+
+def test_the_deployment_is_valid_kubernetes_1_37():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    body = deployment(parallel=2, drainSeconds=45, resources={"limits": {"cpu": "2"}})
+    kubernetes_validate.validate(body, "1.37", strict=True)
