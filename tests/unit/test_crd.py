@@ -342,6 +342,11 @@ RULE_CASES = {
          minimal(serve={"quantization": "q4_0"}, export={"quantizations": ["q4_0"]}),
          minimal(serve={"enabled": True})],
         minimal(serve={"enabled": True, "quantization": "q4_0"})),
+    "serve.contextSize / serve.parallel must be at least 256: each parallel slot gets that many "
+    "tokens of context": (
+        [minimal(serve={"enabled": True}), minimal(serve={"contextSize": 2048, "parallel": 8}),
+         minimal(serve={"parallel": 16, "contextSize": 4096})],
+        minimal(serve={"enabled": True, "parallel": 32})),
     "nodes > 1 needs a workspace every node can mount: set workspace.accessMode to ReadWriteMany, "
     "with a StorageClass that provides it, or workspace.existingClaim to a ReadWriteMany claim": (
         [minimal(nodes=2, workspace={"accessMode": "ReadWriteMany"}),
