@@ -4,9 +4,9 @@ The patterns are the ones the API server applies to the same fields of a Pod, Jo
 (apimachinery's validation: DNS-1123 labels and subdomains, qualified names for label keys,
 label values, resource quantities), so a value that a Job would be refused for is refused
 when the ChatbotTraining is applied. They go into the CRD's schema through the pydantic
-JSON schema. The one rule a structural schema cannot hold, the format of a map's keys
-(nodeSelector), is checked by the model alone, which the operator applies before it creates
-anything (CEL over map keys exceeds the API server's cost budget).
+JSON schema. The format of a map's keys (nodeSelector), which a structural schema cannot
+hold as `propertyNames`, is a CEL rule on the map itself (`LABEL_MAP_RULES`, within the API
+server's cost budget because the map has at most 64 keys), with the same check in the model.
 """
 
 from __future__ import annotations
@@ -41,12 +41,42 @@ def _label_key(key: str) -> str:
     return key
 
 
+LABEL_KEY_MESSAGE = ("keys must be label keys: an optional DNS subdomain and '/', then up to "
+                     "63 letters, digits, '-', '_' or '.', starting and ending alphanumeric")
+MAX_LABEL_KEY = 253 + 1 + 63  # prefix, '/', name
+MAX_LABELS = 64  # keys of a label map: bounds the CEL rule's estimated cost
+
+
 def _check_label_key(key: str) -> str:
     if not re.fullmatch(LABEL_KEY, key):
-        raise ValueError(f"{key!r} is not a label key (an optional DNS subdomain and '/', then "
-                         "up to 63 letters, digits, '-', '_' or '.', starting and ending "
-                         "alphanumeric)")
+        raise ValueError(f"{key!r} is not a label key; {LABEL_KEY_MESSAGE}")
     return _label_key(key)
+
+
+def is_label_key(key: str) -> bool:
+    try:
+        _check_label_key(key)
+    except ValueError:
+        return False
+    return True
+
+
+def cel_string(text: str) -> str:
+    """`text` as a CEL string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# The keys of a label map (nodeSelector), checked by the API server: a rule on the map itself
+# (a structural schema has no propertyNames). A longer prefix than 253 characters whose name
+# is short enough still passes the rule's length bound; the model refuses it.
+LABEL_MAP_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(
+        cel=f"self.all(k, size(k) <= {MAX_LABEL_KEY} && k.matches({cel_string(LABEL_KEY)}))",
+        message=LABEL_KEY_MESSAGE,
+        holds=lambda labels: all(is_label_key(key) for key in labels),
+    ),
+)
+LABEL_MAP_SCHEMA = {"x-kubernetes-validations": cel_validations(LABEL_MAP_RULES)}
 
 
 DnsLabel = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=DNS_LABEL)]
@@ -55,7 +85,8 @@ DnsSubdomain = Annotated[
 LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=LABEL_VALUE)]
 LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=317, pattern=LABEL_KEY),
                      AfterValidator(_label_key)]
-# As a map key: pydantic's pattern would become `propertyNames`, which a CRD cannot hold.
+# As a map key: pydantic's pattern would become `propertyNames`, which a CRD cannot hold;
+# a label map's Field carries LABEL_MAP_SCHEMA instead.
 LabelKeyOfMap = Annotated[str, AfterValidator(_check_label_key)]
 Quantity = Annotated[str, StringConstraints(max_length=64, pattern=QUANTITY)]
 ImageRef = Annotated[str, StringConstraints(min_length=1, max_length=1024, pattern=r"^\S+$")]
@@ -151,7 +182,9 @@ class LabelSelectorRequirement(ApiModel):
 
 
 class LabelSelector(ApiModel):
-    match_labels: dict[str, LabelValue] | None = None
+    # Keys checked by the model only: the CEL rule inside lists of affinity terms, which have no
+    # bound on their length, would exceed the API server's cost budget.
+    match_labels: dict[LabelKeyOfMap, LabelValue] | None = None
     match_expressions: list[LabelSelectorRequirement] | None = None
 
 
@@ -180,3 +213,20 @@ class Affinity(ApiModel):
     node_affinity: NodeAffinity | None = None
     pod_affinity: PodAffinity | None = None
     pod_anti_affinity: PodAffinity | None = None
+
+
+# ---------------------------------------------------------------------------- reference
+
+API_REFERENCE = "https://kubernetes.io/docs/reference/kubernetes-api"
+# Models that are standard Kubernetes types (or the part of one a step pod uses), by class
+# name: the spec reference shows each as one row linking to the Kubernetes API reference, and
+# the CRD's description of such a field links there too (kubectl explain).
+STANDARD_TYPES: dict[str, tuple[str, str]] = {
+    "Affinity": ("core/v1 Affinity", f"{API_REFERENCE}/workload-resources/pod-v1/#scheduling"),
+    "Toleration": ("core/v1 Toleration", f"{API_REFERENCE}/workload-resources/pod-v1/#scheduling"),
+    "ResourcesSpec": ("core/v1 ResourceRequirements (requests and limits of cpu, memory, ephemeral-storage)",
+                      f"{API_REFERENCE}/workload-resources/pod-v1/#resources"),
+    "SecretKeyRef": ("core/v1 SecretKeySelector (name, key)",
+                     f"{API_REFERENCE}/common-definitions/secret-key-selector/"),
+}
+

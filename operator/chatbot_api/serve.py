@@ -15,6 +15,8 @@ from chatbot_api.base import ApiModel, CrossFieldRule
 from chatbot_api.corev1 import (
     DnsSubdomain,
     ImageRef,
+    LABEL_MAP_SCHEMA,
+    MAX_LABELS,
     LabelKeyOfMap,
     LabelValue,
     ResourcesSpec,
@@ -46,15 +48,25 @@ class ServeSpec(ApiModel):
     replicas: int = Field(1, ge=1, le=64, description="Server pods.")
     context_size: int = Field(
         4096, ge=256, le=1_048_576,
-        description="Context window of the server in tokens (llama.cpp -c), shared by its "
-        "parallel requests.")
+        description="Context of the server in tokens (llama.cpp -c), split evenly among its "
+        "parallel slots: each request gets contextSize / parallel tokens (prompt and answer).")
+    parallel: int = Field(
+        4, ge=1, le=64,
+        description="Requests each server pod generates at once (llama.cpp -np, its slots); "
+        "more wait in the server's queue. Each slot gets contextSize / parallel tokens.")
+    drain_seconds: int = Field(
+        20, ge=0, le=3600,
+        description="On a rolling update or scale-down, how long a server pod keeps answering "
+        "the requests it has before it is stopped (a preStop wait: llama.cpp's server ends "
+        "its requests at once on SIGTERM); terminationGracePeriodSeconds is this plus 10.")
     gpus: int = Field(
         0, ge=0, le=16, description="GPUs per server pod (gpu.resourceName); with GPUs every "
         "layer is offloaded (-ngl 999) and the CUDA server image is used.")
     resources: ResourcesSpec | None = Field(
         None, description="CPU/memory requests and limits of the server container.")
     node_selector: dict[LabelKeyOfMap, LabelValue] = Field(
-        default_factory=dict, max_length=64, description="Node labels the server pods must run on.")
+        default_factory=dict, max_length=MAX_LABELS, json_schema_extra=LABEL_MAP_SCHEMA,
+        description="Node labels the server pods must run on.")
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=64, description="Tolerations of the server pods.")
     api_key_secret: SecretKeyRef | None = Field(
@@ -83,6 +95,13 @@ def _quantizations(spec) -> list[str]:
 
 
 SERVE_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(
+        cel="!has(self.serve) || (has(self.serve.contextSize) ? self.serve.contextSize : 4096) "
+        "/ (has(self.serve.parallel) ? self.serve.parallel : 4) >= 256",
+        message="serve.contextSize / serve.parallel must be at least 256: each parallel slot "
+        "gets that many tokens of context",
+        holds=lambda s: s.serve.context_size // s.serve.parallel >= 256,
+    ),
     CrossFieldRule(
         cel="!has(self.serve) || !has(self.serve.quantization) || self.serve.quantization in "
         "(has(self.export) && has(self.export.quantizations) ? self.export.quantizations : "

@@ -22,6 +22,8 @@ from chatbot_api.corev1 import (
     Affinity,
     DnsSubdomain,
     ImageRef,
+    LABEL_MAP_SCHEMA,
+    MAX_LABELS,
     LabelKeyOfMap,
     LabelValue,
     ResourcesSpec,
@@ -50,6 +52,9 @@ DATA_URI = (
 )
 # modelType: a preset, a hub id, a path in the image, or pvc://<claim>/<path>.
 MODEL_REF = rf"^({PVC_URI}|{LOCAL_PATH})$"
+# chatTemplate: a built-in template name, or a Jinja file (a path with a "/" in it, or
+# pvc://<claim>/<path>).
+CHAT_TEMPLATE_REF = rf"^([a-z][a-z0-9.-]*|[^:]*/[^:]*|{PVC_URI})$"
 
 
 # ---------------------------------------------------------------------------- training
@@ -157,6 +162,16 @@ class TrainingParams(ApiModel):
         pattern=MODEL_REF,
         description="Base model: a preset (gpt, llama, qwen2, mistral, smollm, scratch-gpt, "
         "scratch-llama), a Hugging Face hub id, or a path on a volume.",
+    )
+    chat_template: str | None = Field(
+        None,
+        max_length=1024,
+        pattern=CHAT_TEMPLATE_REF,
+        description="Chat template to train with, instead of the base model's: a built-in "
+        "(chatml: ChatML; chatml-tools: ChatML with tool definitions, calls and results in "
+        "Qwen2.5's format, for ChatML models such as SmolLM2) or a Jinja file (a path with a / "
+        "in it, in the image, or pvc://<claim>/<path>). Checked against the tokenizer's special tokens; "
+        "written into the GGUF and the Modelfile.",
     )
     training_steps: int = Field(1000, ge=1, le=1_000_000, description="Optimizer steps.")
     batch_size: int = Field(
@@ -297,7 +312,8 @@ class ChatbotTrainingSpec(TrainingParams):
         None, description="CPU/memory requests and limits of the step containers."
     )
     node_selector: dict[LabelKeyOfMap, LabelValue] = Field(
-        default_factory=dict, max_length=64, description="Node labels the GPU steps must run on."
+        default_factory=dict, max_length=MAX_LABELS, json_schema_extra=LABEL_MAP_SCHEMA,
+        description="Node labels the GPU steps must run on."
     )
     tolerations: list[Toleration] = Field(
         default_factory=list,
@@ -305,7 +321,7 @@ class ChatbotTrainingSpec(TrainingParams):
         description="Tolerations of the GPU steps (e.g. for GPU taints).",
     )
     affinity: Affinity | None = Field(
-        None, description="Pod affinity of the GPU steps (core/v1 Affinity)."
+        None, description="Pod affinity of the GPU steps."
     )
     priority_class_name: DnsSubdomain | None = Field(
         None, description="PriorityClass of the step pods."
@@ -377,8 +393,20 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
     ),
 )
 
+def world_size(spec: "ChatbotTrainingSpec") -> int:
+    """Training processes of the train step: one per GPU (at least one) on each node."""
+    return spec.nodes * max(spec.gpu.count, 1)
+
+
 # Rules over the cluster-only part of the spec (not checked by the trainer).
 CLUSTER_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(
+        cel="self.batchSize % ((has(self.nodes) ? self.nodes : 1) * (has(self.gpu) && "
+        "has(self.gpu.count) && self.gpu.count > 1 ? self.gpu.count : 1)) == 0",
+        message="batchSize must be a multiple of the number of training processes, "
+        "nodes × gpu.count: each process takes an equal share of every batch",
+        holds=lambda s: s.batch_size % world_size(s) == 0,
+    ),
     CrossFieldRule(
         cel="!has(self.workspace) || !has(self.workspace.existingClaim) "
         "|| !has(self.workspace.storageClassName)",
@@ -414,6 +442,7 @@ NAME_RULE = CrossFieldRule(
 IMMUTABLE_FIELDS: tuple[str, ...] = (
     "trainingData",
     "modelType",
+    "chatTemplate",
     "trainingSteps",
     "batchSize",
     "learningRate",

@@ -69,6 +69,10 @@ class LiveProgress(ApiModel):
     tokens_per_second: float | None = Field(
         None, description="Training throughput of the latest logged window.")
     learning_rate: float | None = Field(None, description="Learning rate of the latest logged window.")
+    phase: str | None = Field(
+        None, max_length=128,
+        description="Work between steps or batches that is running now (e.g. sample answers of the "
+        "fine-tuned model); the ETA holds while it runs.")
     last_updated: str = Field(
         ..., description="When the operator last read this report from the step's pod.")
 

@@ -34,7 +34,7 @@ import kopf
 from chatbot_api.spec import GROUP, PLURAL, VERSION
 
 from chatbot_operator import kube, logs, manifests, metrics
-from chatbot_operator.progress import TERMINAL_PHASES
+from chatbot_operator.observe import TERMINAL_PHASES
 from chatbot_operator.reconciler import Reconciler, retry_delay
 from chatbot_operator.settings import OperatorConfig, resync_seconds_from_env
 

@@ -2,7 +2,7 @@
 
 The step's pod serves its progress as JSON on `GET /progress` (the trainer's
 train/progress_server.py), on the container port named `progress` (CHATBOT_PROGRESS_PORT). The
-operator reads it (progress_poller.py) and these rules decide what `status.progress` shows:
+operator reads it (live_progress_poller.py) and these rules decide what `status.progress` shows:
 
 - which pod to read: the running pod of the training's current step, when that step is
   train or evaluate and it runs (`target`);
@@ -128,6 +128,7 @@ def from_report(report: Any, step: str, now: str) -> dict[str, Any] | None:
         "loss": _number(report.get("loss")),
         "tokensPerSecond": _number(report.get("tokens_per_second")),
         "learningRate": _number(report.get("learning_rate")),
+        "phase": report.get("phase") if isinstance(report.get("phase"), str) else None,
         "lastUpdated": now,
     }
     block = {key: value for key, value in block.items() if value is not None}

@@ -58,6 +58,8 @@ PROGRESS_STEPS = ("train", "evaluate")
 PROGRESS_PORT_NAME = "progress"
 # Steps that read the base model (a pvc:// modelType is mounted there).
 MODEL_STEPS = ("configure", "train", "evaluate", "export")
+# Steps that read a chatTemplate file (later steps take it from the tokenizer train saved).
+CHAT_TEMPLATE_STEPS = ("configure", "train")
 
 # Trainer exit codes (trainer-image/README.md): retrying cannot help, fail the Job at once.
 EXIT_INVALID_INPUT = 2
@@ -215,6 +217,8 @@ def claim_mounts(
         uses.append((spec.training_data, True))
     if step in MODEL_STEPS:
         uses.append((spec.model_type, True))
+    if step in CHAT_TEMPLATE_STEPS:
+        uses.append((spec.chat_template, True))
     if step == "export":
         uses.append((spec.output_path, False))
     mounts: dict[str, bool] = {}

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from chatbot_api.status import PHASES
 
-from chatbot_operator.progress import step_transitions
+from chatbot_operator.status_builder import step_transitions
 
 REGISTRY = prometheus_client.REGISTRY
 

@@ -26,6 +26,8 @@ from typing import Any
 from chatbot_api.spec import GROUP, ChatbotTrainingSpec
 
 from chatbot_operator import manifests
+from chatbot_operator.diagnose import pod_failure_detail
+from chatbot_operator.observe import terminated_state
 from chatbot_operator.settings import OperatorConfig
 
 MASTER_PORT = 29500
@@ -162,7 +164,9 @@ def indexed(job: dict[str, Any], spec: ChatbotTrainingSpec) -> dict[str, Any]:
         {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
             "fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}},
     ]
-    container["ports"] = [{"name": "rendezvous", "containerPort": MASTER_PORT}]
+    # Beside the step's own ports (the live progress the operator reads), not instead of them.
+    container["ports"] = [*(port for port in container.get("ports") or [] if port.get("name") != "rendezvous"),
+                          {"name": "rendezvous", "containerPort": MASTER_PORT}]
     return job
 
 
@@ -205,8 +209,6 @@ def max_attempts(spec: ChatbotTrainingSpec) -> int:
 
 def first_failed_pod(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The pod that failed first (the others usually fail because it went away)."""
-    from chatbot_operator.progress import terminated_state
-
     failed = [p for p in pods if ((p.get("status") or {}).get("phase") == "Failed")]
     return min(failed, key=lambda p: (terminated_state(p) or {}).get("finishedAt") or "~",
                default=None)
@@ -220,13 +222,11 @@ def node_index(pod: Mapping[str, Any]) -> str:
 
 def failure_cause(spec: ChatbotTrainingSpec, pods: Sequence[Mapping[str, Any]]) -> str:
     """Which node index failed first, and why (from its pod's termination state)."""
-    from chatbot_operator.progress import _pod_failure_detail, terminated_state
-
     pod = first_failed_pod(pods)
     if pod is None:
         return "a pod failed"
     terminated = terminated_state(pod) or {}
-    detail = _pod_failure_detail("train", pod, spec)
+    detail = pod_failure_detail("train", pod, spec)
     why = detail[1] if detail else (terminated.get("reason") or "it failed")
     name = (pod.get("metadata") or {}).get("name")
     return f"node {node_index(pod)} (pod {name}) failed first: {why}"
@@ -235,8 +235,6 @@ def failure_cause(spec: ChatbotTrainingSpec, pods: Sequence[Mapping[str, Any]]) 
 def permanent(state: Any, pods: Sequence[Mapping[str, Any]]) -> bool:
     """Another attempt cannot help: invalid input, a quality threshold, out of memory, the
     step's deadline."""
-    from chatbot_operator.progress import terminated_state
-
     if state.reason == "DeadlineExceeded":
         return True
     for pod in pods:

@@ -1,4 +1,4 @@
-"""One reconciliation of a ChatbotTraining: read, plan (pure, `progress.plan`), act, report.
+"""One reconciliation of a ChatbotTraining: read, plan (pure, `planner.plan`), act, report.
 
 Every trigger (an event of the training, of its Jobs or of its Pods, the periodic re-check)
 ends in the same idempotent `reconcile()`. Calls for one training are serialized by a lock,
@@ -31,8 +31,9 @@ import kopf
 from chatbot_api import serve as serve_api
 from chatbot_api.spec import GROUP, PLURAL, VERSION, ChatbotTrainingSpec
 
-from chatbot_operator import kube, live_progress, manifests, metrics, multinode, progress, serving
-from chatbot_operator.progress_poller import ProgressPoller
+from chatbot_operator import kube, live_progress, manifests, metrics, multinode, planner, serving, status_builder
+from chatbot_operator.live_progress_poller import ProgressPoller
+from chatbot_operator.observe import now_iso
 from chatbot_operator.settings import OperatorConfig
 
 logger = logging.getLogger(__name__)
@@ -205,10 +206,10 @@ class Reconciler:
             # The watched body may lag behind the status this operator wrote last.
             training = {**training, "status": seen.status}
         label = manifests.label_value(name)
-        plan = progress.plan(training, snapshot.jobs.get(label, []), snapshot.pods.get(label, []),
-                             now=progress.now_iso(), config=self.config, events=snapshot.events)
+        plan = planner.plan(training, snapshot.jobs.get(label, []), snapshot.pods.get(label, []),
+                             now=now_iso(), config=self.config, events=snapshot.events)
         if (plan.create_step or plan.suspend_jobs
-                or progress.status_patch(training.get("status") or {}, plan.status)):
+                or status_builder.status_patch(training.get("status") or {}, plan.status)):
             await self.reconcile(namespace, name)
 
     async def _snapshot(self, namespace: str) -> Snapshot:
@@ -230,7 +231,7 @@ class Reconciler:
 
     async def _reconcile(self, namespace: str, name: str,
                          fresh: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-        now = progress.now_iso()
+        now = now_iso()
         if fresh is not None:
             status = await self._start_fresh(fresh, now)
             if status is not None:
@@ -246,13 +247,13 @@ class Reconciler:
             self.kube.list(jobs_path(namespace), selector),
             self.kube.list(core_path("pods", namespace), selector),
         )
-        plan = progress.plan(training, jobs, pods, now=now, config=self.config)
+        plan = planner.plan(training, jobs, pods, now=now, config=self.config)
         if plan.events_of_job is not None:  # a Job without pods: ask its Events why
             job_meta = plan.events_of_job.get("metadata") or {}
             events = await self.kube.list(
                 core_path("events", namespace),
                 field_selector=f"{FAILED_CREATE},involvedObject.name={job_meta.get('name')}")
-            plan = progress.plan(training, jobs, pods, now=now, config=self.config, events=events)
+            plan = planner.plan(training, jobs, pods, now=now, config=self.config, events=events)
         return await self._act(training, plan, jobs, pods, now)
 
     async def _start_fresh(self, training: Mapping[str, Any], now: str) -> dict[str, Any] | None:
@@ -261,12 +262,12 @@ class Reconciler:
         None when that does not apply, or when its Job exists after all (then read)."""
         if training.get("status") or (training.get("metadata") or {}).get("deletionTimestamp"):
             return None
-        plan = progress.plan(training, [], [], now=now, config=self.config, events=[])
+        plan = planner.plan(training, [], [], now=now, config=self.config, events=[])
         if not plan.create_step:
             return None
         return await self._act(training, plan, [], [], now, new_job_required=True)
 
-    async def _act(self, training: Mapping[str, Any], plan: progress.Plan, jobs: list, pods: list,
+    async def _act(self, training: Mapping[str, Any], plan: planner.Plan, jobs: list, pods: list,
                    now: str, new_job_required: bool = False) -> dict[str, Any] | None:
         """Carry out a plan and report the status; remember what was read and written."""
         meta = training.get("metadata") or {}
@@ -283,7 +284,7 @@ class Reconciler:
                 if new_job_required and not new_jobs:
                     return None
                 if new_jobs:  # report what the next look would see: the step waits for a pod
-                    status = progress.plan(training, jobs + new_jobs, pods, now=now,
+                    status = planner.plan(training, jobs + new_jobs, pods, now=now,
                                            config=self.config, events=[]).status
             for job, suspend in plan.suspend_jobs.items():
                 seen.add([await self._set_suspended(meta["namespace"], job, suspend)])
@@ -291,11 +292,11 @@ class Reconciler:
                 status = await self._serve(training, plan.spec, status, now, seen)
         except ObjectError as exc:
             if plan.create_step and exc.error.status in (400, 422):
-                status = progress.rejected(status, plan.create_step, exc.what, exc.error.message,
+                status = status_builder.rejected(status, plan.create_step, exc.what, exc.error.message,
                                            now, meta.get("generation"))
             else:
                 failure = exc.error
-                status = progress.with_problem(
+                status = status_builder.with_problem(
                     status, "ApiError", f"Cannot create or update {exc.what} ({exc.error}); "
                     f"retrying", now, meta.get("generation"))
         await self._report(training, status)
@@ -423,7 +424,7 @@ class Reconciler:
             if seen is None or seen.status is None:
                 return
             new = change(seen.status)
-            patch = progress.status_patch(seen.status, new)
+            patch = status_builder.status_patch(seen.status, new)
             if patch:
                 await self.kube.patch(training_path(namespace, name, "status"), {"status": patch})
             seen.status = new
@@ -431,10 +432,10 @@ class Reconciler:
     async def _report(self, training: Mapping[str, Any], status: dict[str, Any]) -> None:
         meta = training["metadata"]
         old = training.get("status") or {}
-        patch = progress.status_patch(old, status)
+        patch = status_builder.status_patch(old, status)
         if patch:
             await self.kube.patch(training_path(meta["namespace"], meta["name"], "status"),
                                   {"status": patch})
-        for event in progress.transition_events(old, status):
+        for event in status_builder.transition_events(old, status):
             kopf.event(training, type=event.type, reason=event.reason, message=event.message)
         self.tracker.record(meta["namespace"], meta["name"], old, status)

@@ -86,13 +86,72 @@ def selector(name: str) -> dict[str, str]:
     }
 
 
+# Flags the operator derives from the spec, by every spelling llama.cpp accepts: when
+# serve.extraArgs sets one, it is the user's and the operator leaves it out.
+DERIVED_FLAGS = {"-c": ("-c", "--ctx-size"), "-np": ("-np", "--parallel"),
+                 "--threads-http": ("--threads-http",), "-t": ("-t", "--threads")}
+GRACE_MARGIN = 10  # seconds after the preStop wait for the server to exit
+
+
+def cpu_quantity(value: str | int | float | None) -> float | None:
+    """A Kubernetes CPU quantity ('500m', '2', '1.5') in CPUs, or None."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    try:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return None
+
+
+def cpu_threads(spec: ChatbotTrainingSpec) -> int | None:
+    """llama.cpp's -t from serve.resources: the CPU limit, else the request, in whole CPUs
+    (at least 1). None without either: llama.cpp then takes one thread per core of the node,
+    which a pod limited to a few of them pays for with contention."""
+    resources = spec.serve.resources
+    if resources is None:
+        return None
+    for values in (resources.limits, resources.requests):
+        cpus = cpu_quantity(values.cpu if values else None)
+        if cpus:
+            return max(1, int(cpus))
+    return None
+
+
+def slot_context(spec: ChatbotTrainingSpec) -> int:
+    """Tokens of context each request gets: llama-server splits -c evenly among -np slots."""
+    return spec.serve.context_size // spec.serve.parallel
+
+
 def server_args(name: str, spec: ChatbotTrainingSpec, model_path: str) -> list[str]:
+    """llama-server's arguments: -c and -np from serve.contextSize and serve.parallel, an HTTP
+    thread per slot and 4 more (llama-server's own minimum; a request holds one while it runs
+    or waits), -t from serve.resources' CPU; serve.extraArgs last, and any of those flags they
+    set replace the derived one."""
     serve = spec.serve
+    given = set(serve.extra_args)
+    derived = {"-c": serve.context_size, "-np": serve.parallel,
+               "--threads-http": serve.parallel + 4, "-t": cpu_threads(spec)}
     args = ["-m", model_path, "--host", "0.0.0.0", "--port", str(SERVER_PORT), "--metrics",
-            "--alias", name, "-c", str(serve.context_size)]
+            "--alias", name]
+    for flag, value in derived.items():
+        if value is not None and not given.intersection(DERIVED_FLAGS[flag]):
+            args += [flag, str(value)]
     if serve.gpus > 0:
         args += ["-ngl", ALL_LAYERS]
     return args + list(serve.extra_args)
+
+
+def termination(spec: ChatbotTrainingSpec) -> dict[str, Any]:
+    """The pod's draining: llama-server ends its running requests at once on SIGTERM (it stops
+    its task loop), so a preStop wait of serve.drainSeconds comes first: the pod leaves the
+    Service's endpoints (no new requests) while the server finishes the ones it has; then
+    SIGTERM, with GRACE_MARGIN seconds to exit."""
+    drain = spec.serve.drain_seconds
+    result: dict[str, Any] = {"terminationGracePeriodSeconds": drain + GRACE_MARGIN}
+    if drain > 0:
+        result["lifecycle"] = {"preStop": {"sleep": {"seconds": drain}}}
+    return result
 
 
 def server_image(spec: ChatbotTrainingSpec, config: OperatorConfig) -> str:
@@ -131,6 +190,9 @@ def _container(name: str, spec: ChatbotTrainingSpec, config: OperatorConfig,
             "runAsNonRoot": True,
         },
     }
+    lifecycle = termination(spec).get("lifecycle")
+    if lifecycle:
+        container["lifecycle"] = lifecycle
     resources: dict[str, Any] = serve.resources.to_api() if serve.resources else {}
     resources = {kind: dict(values) for kind, values in resources.items() if values}
     if serve.gpus > 0:
@@ -167,6 +229,7 @@ def deployment(training: Mapping[str, Any], spec: ChatbotTrainingSpec, config: O
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,  # the server never talks to the API server
         "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": termination(spec)["terminationGracePeriodSeconds"],
         "securityContext": {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid,
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [_container(name, spec, config, f"{MODEL_DIR}/{path}")],
@@ -224,7 +287,7 @@ def deployment_patch(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> 
     """A JSON merge patch turning the existing Deployment into the wanted one (fields the
     operator no longer sets are removed, so the API server defaults them again), or None when
     it already is."""
-    from chatbot_operator.progress import status_patch  # a generic JSON merge-patch diff
+    from chatbot_operator.status_builder import status_patch  # a generic JSON merge-patch diff
 
     annotations = (existing.get("metadata") or {}).get("annotations") or {}
     wanted_hash = wanted["metadata"]["annotations"][ANNOTATION_SPEC_HASH]

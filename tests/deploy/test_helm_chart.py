@@ -135,6 +135,26 @@ def test_service_monitor_needs_service(tools: Tools) -> None:
     assert proc.returncode != 0 and "metrics.service.enabled" in proc.stderr
 
 
+def test_server_pod_monitor_scrapes_the_model_servers_with_their_key(tools: Tools) -> None:
+    from chatbot_operator import serving
+
+    objects = tools.template("--set", "metrics.servers.podMonitor.enabled=true",
+                             "--set", "metrics.servers.podMonitor.namespaces={ml}",
+                             "--set", "metrics.servers.podMonitor.apiKeySecret.name=bot-api",
+                             "--set", "metrics.servers.podMonitor.apiKeySecret.key=token")
+    (monitor,) = [o for o in objects if o["kind"] == "PodMonitor"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    # It selects exactly the server pods the operator labels.
+    pod_labels = serving.selector("support-bot")
+    assert selector.items() <= pod_labels.items() and "app.kubernetes.io/instance" not in selector
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["ml"]}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    assert endpoint["authorization"] == {"type": "Bearer",
+                                         "credentials": {"name": "bot-api", "key": "token"}}
+    assert not [o for o in tools.template() if o["kind"] == "PodMonitor"]  # off by default
+
+
 # ---------------------------------------------------------------------------- validity
 
 

@@ -288,3 +288,12 @@ def test_gauges_follow_the_block():
     assert gauge("chatbot_train_step", "g") is None and gauge("chatbot_progress_eta_seconds", "g") is None
     metrics.show_live_progress("ml", "g", None)
     assert gauge("chatbot_progress_percent", "g") is None
+
+
+def test_the_phase_between_units_is_shown_while_it_runs():
+    """evaluate names the work between its batches (sample answers, loading the base model)."""
+    phase = "sample answers of the fine-tuned model"
+    block = live_progress.from_report({**REPORT, "phase": phase}, "train", NOW)
+    assert block["phase"] == phase
+    assert "phase" not in live_progress.from_report(REPORT, "train", NOW)
+    assert "phase" not in live_progress.from_report({**REPORT, "phase": 3}, "train", NOW)

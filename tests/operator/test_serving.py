@@ -83,7 +83,11 @@ async def test_the_exported_model_is_served_after_success(cluster: Cluster, star
     # The smallest exported file (q8_0), from its claim mounted read-only.
     assert c["image"] == "ghcr.io/ggml-org/llama.cpp:server-b8840"
     assert c["args"] == ["-m", "/models/support-bot/support-bot.q8_0.gguf", "--host", "0.0.0.0",
-                         "--port", "8080", "--metrics", "--alias", "support-bot", "-c", "4096"]
+                         "--port", "8080", "--metrics", "--alias", "support-bot", "-c", "4096",
+                         "-np", "4", "--threads-http", "8"]
+    # Draining: out of the Service's endpoints, then SIGTERM after the requests finished.
+    assert c["lifecycle"] == {"preStop": {"sleep": {"seconds": 20}}}
+    assert pod["terminationGracePeriodSeconds"] == 30
     assert pod["volumes"][0] == {"name": "model", "persistentVolumeClaim": {
         "claimName": "models", "readOnly": True}}
     assert c["volumeMounts"][0] == {"name": "model", "mountPath": "/models", "readOnly": True}
@@ -142,7 +146,7 @@ async def test_gpu_server_options_changes_and_deletion(cluster: Cluster, start_o
     spec["serve"] = {
         "enabled": True, "quantization": "f16", "gpus": 1, "replicas": 2, "contextSize": 8192,
         "apiKeySecret": {"name": "bot-api", "key": "token"},
-        "nodeSelector": {"gpu": "l4"}, "extraArgs": ["--parallel", "4"],
+        "nodeSelector": {"gpu": "l4"}, "extraArgs": ["--parallel", "4"], "drainSeconds": 50,
         "resources": {"requests": {"cpu": "2", "memory": "4Gi"}}}
     await cluster.apply_training("support-bot", spec)
     await run_steps(cluster, "support-bot")
@@ -152,7 +156,9 @@ async def test_gpu_server_options_changes_and_deletion(cluster: Cluster, start_o
     assert c["image"] == "ghcr.io/ggml-org/llama.cpp:server-cuda-b8840"
     assert c["args"] == ["-m", "/models/support-bot/support-bot.f16.gguf", "--host", "0.0.0.0",
                          "--port", "8080", "--metrics", "--alias", "support-bot", "-c", "8192",
-                         "-ngl", "999", "--parallel", "4"]
+                         "--threads-http", "8", "-t", "2", "-ngl", "999", "--parallel", "4"]
+    assert pod["terminationGracePeriodSeconds"] == 60
+    assert c["lifecycle"] == {"preStop": {"sleep": {"seconds": 50}}}
     assert c["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"},
                               "limits": {"nvidia.com/gpu": "1"}}
     assert {"name": "LLAMA_API_KEY", "valueFrom": {"secretKeyRef": {
@@ -163,15 +169,16 @@ async def test_gpu_server_options_changes_and_deletion(cluster: Cluster, start_o
 
     # A change of spec.serve patches the Deployment (no GPU now: no GPU defaults, CPU image).
     await cluster.patch_training("support-bot", {"spec": {"serve": {
-        "gpus": 0, "contextSize": 2048, "nodeSelector": None}}})
+        "gpus": 0, "contextSize": 2048, "parallel": 2, "nodeSelector": None,
+        "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "1"}}}}})
     patched = await wait_for(lambda: (d := server(cluster)) and "-ngl" not in container(d)["args"]
                              and d, message="Deployment patched")
     c = container(patched)
-    assert c["args"][-4:] == ["-c", "2048", "--parallel", "4"]
+    assert c["args"][-8:] == ["-c", "2048", "--threads-http", "6", "-t", "1", "--parallel", "4"]
     assert c["image"] == "ghcr.io/ggml-org/llama.cpp:server-b8840"
     assert "nodeSelector" not in patched["spec"]["template"]["spec"]
     assert "tolerations" not in patched["spec"]["template"]["spec"]
-    assert c["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}}
+    assert c["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "1"}}
     hash_key = "chatbot.dev/server-spec-hash"
     assert patched["metadata"]["annotations"][hash_key] != \
         deployment["metadata"]["annotations"][hash_key]

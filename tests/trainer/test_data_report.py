@@ -88,7 +88,8 @@ def test_every_reason_is_located_by_line(tmp_path):
             assert entry["count"] == len(entry["lines"]) and entry["meaning"]
     assert report["malformed"] == 3
     assert report["flagged"] == {"no_user_turn": 1}
-    assert report["tools"] == {"conversations": 1, "lines": [len(EVERY_KIND)]}
+    assert report["tools"] == {"conversations": 1, "lines": [len(EVERY_KIND)], "define_only": 0,
+                               "define_only_lines": []}
     assert report["unit"] == "line" and report["reader"] == "jsonl"
     json.dumps(report)
 
@@ -209,3 +210,81 @@ def test_zip_and_binary_files_named(tmp_path):
     blob.write_bytes(bytes(range(256)) * 8)
     with pytest.raises(DataError, match="not a text file"):
         read_source(blob)
+
+
+# --------------------------------------------------------------------------- wording
+
+
+def test_a_gguf_or_binary_file_given_as_data_is_named_plainly(tmp_path):
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 64)
+    with pytest.raises(DataError, match="is a GGUF model file, not chat data: give a model as modelType"):
+        read_source(gguf_file)
+    blob = tmp_path / "chats.bin"
+    blob.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(DataError) as info:
+        read_source(blob)
+    assert "holds NUL bytes (0x00), as binary files" in str(info.value)
+    assert "zero bytes" not in str(info.value)
+
+
+@pytest.mark.parametrize("source", ["jsonl", "parquet"])
+def test_the_summary_key_for_first_lines_is_the_same_for_every_source(tmp_path, source):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [conv(1), conv(1), {"messages": []}]
+    if source == "jsonl":
+        path = tmp_path / "d.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        path = tmp_path / "d.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    summary = report_summary(prepare_conversations(path, eval_fraction=0).report)
+    assert summary["first_lines"] == {"duplicate": [2], "empty": [3]}
+    assert summary.get("unit", "line") == ("line" if source == "jsonl" else "row")
+    assert not any(key.startswith("first_") and key != "first_lines" for key in summary)
+
+
+def test_mostly_duplicates_get_a_warning(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(conv(i % 2)) + "\n" for i in range(100)))
+    data = prepare_conversations(path, eval_fraction=0)
+    (warning,) = data.report["warnings"]
+    assert warning.startswith("98 of 100 lines (98%) repeat an earlier conversation (more than 50%)")
+    assert report_summary(data.report)["warnings"] == [warning]
+    half = tmp_path / "half.jsonl"
+    half.write_text("".join(json.dumps(conv(i % 50)) + "\n" for i in range(100)))
+    assert prepare_conversations(half, eval_fraction=0).report["warnings"] == []
+
+
+def test_a_rejection_names_each_error_once_with_its_lines(tmp_path):
+    lines = [json.dumps(conv(i)) for i in range(10)]
+    lines += ['{"messages": [{"role": "user" "content": "x"}]}'] * 6 + ["[1]"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as info:
+        prepare_conversations(path)
+    text = str(info.value)
+    assert ("first errors: lines 11, 12, 13, 14, 15, … (6 lines): Expecting ',' delimiter at column 31; "
+            "line 17: expected a JSON object, got an array") in text
+    assert text.count("delimiter") == 1
+
+
+@pytest.mark.parametrize("written", [
+    lambda rows: json.dumps(rows[0], indent=2),                       # one object, indented
+    lambda rows: "\n".join(json.dumps(r, indent=2) for r in rows),    # objects one after another
+    lambda rows: "\n".join(json.dumps(r, indent=1)[:-1] + " }" for r in rows),  # "{" not alone
+])
+def test_pretty_printed_json_gets_a_hint(tmp_path, written):
+    path = tmp_path / "d.jsonl"
+    path.write_text(written([conv(1), conv(2), conv(3)]) + "\n")
+    with pytest.raises(DataError, match="looks like pretty-printed JSON: .*jq -c"):
+        read_source(path)
+
+
+def test_an_object_spread_over_lines_inside_jsonl_is_explained_on_its_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([json.dumps(conv(i)) for i in range(20)] + ["{", '  "messages": []', "}"]) + "\n")
+    source = read_source(path)
+    assert "a line holding only '{'" in source.errors[0].message and "jq -c" in source.errors[0].message

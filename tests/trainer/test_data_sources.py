@@ -52,7 +52,7 @@ def test_parquet_with_tool_calls_and_null_columns(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), path)
     data = prepare_conversations(path, eval_fraction=0)
     assert data.report["formats"] == {"alpaca": 1, "sharegpt": 2}
-    assert data.report["tools"] == {"conversations": 1, "lines": [1]}
+    assert data.report["tools"] == {"conversations": 1, "lines": [1], "define_only": 0, "define_only_lines": []}
     assert data.train[0]["tools"][0]["function"]["name"] == "get_weather"
     assert data.train[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
 
@@ -147,3 +147,58 @@ def test_unreachable_hub_says_what_to_check(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match="cannot load hf://datasets/acme/x: ConnectionError: offline; HF_HUB_OFFLINE"):
         read_source("hf://datasets/acme/x")
+
+
+# --------------------------------------------------------------------------- nested columns
+
+def _prepared(source):
+    data = prepare_conversations(source, eval_fraction=0.2)
+    report = {k: v for k, v in data.report.items() if k not in ("source", "reader", "unit")}
+    return data.train, data.eval, report
+
+
+@pytest.mark.parametrize("arguments", ["text", "object"])
+def test_tool_rows_read_from_parquet_and_save_to_disk_equal_jsonl(tmp_path, arguments):
+    from tool_data import openai_rows, tool_conversations, write_jsonl
+
+    rows = openai_rows(tool_conversations(50), arguments=arguments)
+    write_jsonl(tmp_path / "tools.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "tools.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "datasets.parquet"))
+    table = pq.read_table(tmp_path / "tools.parquet")
+    assert "movie_id" in str(table.schema.field("tools").type), "Arrow unified the tool schemas"
+
+    expected = _prepared(tmp_path / "tools.jsonl")
+    assert expected[2]["tools"]["conversations"] > 20
+    for source in ("tools.parquet", "saved", "datasets.parquet"):
+        assert _prepared(tmp_path / source) == expected, source
+    recipes = next(t for row in expected[0] for t in row.get("tools", [])
+                   if t["function"]["name"] == "search_recipes")
+    assert set(recipes["function"]["parameters"]["properties"]) == {"ingredients", "diet"}
+
+
+def test_hub_tool_rows_equal_jsonl(tmp_path, monkeypatch):
+    from tool_data import openai_rows, tool_conversations, write_jsonl
+
+    rows = openai_rows(tool_conversations(30))
+    write_jsonl(tmp_path / "tools.jsonl", rows)
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo_id, **kwargs: datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows)}))
+    assert _prepared("hf://datasets/acme/tools") == _prepared(tmp_path / "tools.jsonl")
+
+
+def test_nulls_arrow_keeps_apart_from_missing_keys_survive(tmp_path):
+    rows = [{"a": {"x": 1, "list": [1, None]}, "j": {"n": None, "deep": [{"k": None}]}},
+            {"a": {"y": 2}, "j": {"other": 1}}]
+    features = datasets.Features({"a": {"x": datasets.Value("int64"), "y": datasets.Value("int64"),
+                                        "list": datasets.List(datasets.Value("int64"))},
+                                  "j": datasets.Json()})
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    read = [record.data for record in read_source(tmp_path / "saved").records]
+    assert read == [{"a": {"x": 1, "list": [1, None]}, "j": {"n": None, "deep": [{"k": None}]}},
+                    {"a": {"y": 2}, "j": {"other": 1}}]
+
+    table = pa.table({"m": pa.array([[("k", None), ("l", "v")]], pa.map_(pa.string(), pa.string()))})
+    pq.write_table(table, tmp_path / "map.parquet")
+    assert read_source(tmp_path / "map.parquet").records[0].data == {"m": {"k": None, "l": "v"}}

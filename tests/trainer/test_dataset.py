@@ -324,13 +324,13 @@ class TestPrepareFailures:
         text = str(info.value)
         assert text.startswith("52 of 100 lines (52%) are malformed")
         assert "above the 10% limit (data.maxBadLineFraction)" in text
-        assert "first errors: line 3: Expecting ',' delimiter" in text
-        assert "; line 7: " in text
+        assert "first errors: lines 3, 7, 51, 52, 53, … (52 lines): Expecting ',' delimiter" in text
+        assert text.count("Expecting ',' delimiter") == 1  # one error, with the lines that have it
         assert "\n" not in text
 
     def test_unconvertible_records_count_towards_threshold(self):
         records = [conv(i) for i in range(8)] + [{"messages": [{"role": "narrator", "content": "x"}]}] * 2
-        with pytest.raises(DataError, match=r"2 of 10 records \(20%\).*record 9: "):
+        with pytest.raises(DataError, match=r"2 of 10 records \(20%\).*records 9, 10: messages\[1\]: unknown role"):
             prepare_conversations(records)
         data = prepare_conversations(records, max_bad_line_fraction=0.2)
         assert data.report["dropped"]["bad_role"] == 2
@@ -668,3 +668,38 @@ def test_large_input_is_fast(tmp_path):
     elapsed = time.perf_counter() - start
     assert data.report["kept"] == 20_000
     assert elapsed < 5.0
+
+
+def test_tool_call_duplicates_are_found_on_content_whatever_the_format():
+    from tool_data import openai_rows, sharegpt_rows, tool_conversations
+
+    conversations = tool_conversations(50)
+    repeats = len(conversations) - len({json.dumps(c, sort_keys=True) for c in conversations})
+    assert repeats >= 4
+    results = {}
+    for name, rows in (("openai", openai_rows(conversations, seed=1)),
+                       ("openai, other ids", openai_rows(conversations, seed=2)),
+                       ("sharegpt", sharegpt_rows(conversations))):
+        data = prepare_conversations(rows, eval_fraction=0.2)
+        results[name] = (data.report["rows"]["not_used"]["duplicate"]["lines"],
+                         [c["line"] for c in data.eval])
+    assert len(results["sharegpt"][0]) == repeats
+    assert results["openai"] == results["openai, other ids"] == results["sharegpt"]
+
+
+def test_tool_results_paired_with_other_calls_are_not_duplicates():
+    def row(first_result, second_result):
+        return {"messages": [
+            {"role": "user", "content": "Weather in Paris and Oslo?"},
+            {"role": "assistant", "tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "w", "arguments": '{"city": "Paris"}'}},
+                {"id": "b", "type": "function", "function": {"name": "w", "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": first_result, "content": "18"},
+            {"role": "tool", "tool_call_id": second_result, "content": "-3"},
+            {"role": "assistant", "content": "18 and -3."}]}
+
+    in_order = row("a", "b")
+    renamed = json.loads(json.dumps(in_order).replace('"a"', '"x1"').replace('"b"', '"x2"'))
+    data = prepare_conversations([in_order, renamed, row("b", "a")], eval_fraction=0)
+    assert data.report["rows"]["not_used"]["duplicate"]["lines"] == [2]
+    assert data.report["kept"] == 2

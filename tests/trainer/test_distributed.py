@@ -135,7 +135,8 @@ def rank_pid(marker: str, rank: int) -> int | None:
 
 
 def test_a_killed_rank_fails_the_run_cleanly_and_one_process_resumes_the_checkpoint(tmp_path):
-    from chatbot_trainer.train.recipe import complete_checkpoints, train
+    from chatbot_trainer.train.checkpoints import complete_checkpoints
+    from chatbot_trainer.train.recipe import train
 
     ctx = lora_workspace(tmp_path, training_steps=400, checkpoint_every=10, log_every=10)
     marker = uuid.uuid4().hex

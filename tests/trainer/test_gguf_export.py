@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import gguf
@@ -31,10 +30,12 @@ import pytest
 import torch
 
 from chatbot_api.spec import TrainingParams
+from chatbot_trainer.data import chat_templates
 from chatbot_trainer.errors import StepError, UnsupportedArchitecture
 from chatbot_trainer.export import gguf_writer
 from chatbot_trainer.export import modelfile as mf
 from chatbot_trainer.model import base_models as models
+from chatbot_trainer.model import pretokenizers
 from chatbot_trainer.steps import run_step
 from chatbot_trainer.workspace import StepContext
 
@@ -111,7 +112,9 @@ def _build_run(tmp: Path, arch: str, tokenizer) -> dict:
     (ws / "configure").mkdir(parents=True)
     (ws / "train").mkdir()
     label = f"tiny-{arch} (built from a config, random init)"
-    (ws / "configure" / "result.json").write_text(json.dumps({"base_model": {"label": label}}))
+    choice = models.BaseModelChoice(f"tiny-{arch}", "scratch", f"tiny-{arch}", arch).to_dict()
+    assert choice["label"] == label
+    (ws / "configure" / "result.json").write_text(json.dumps({"base_model": choice}))
     (ws / "train" / "result.json").write_text(json.dumps(
         {"base_model_path_for_adapter": str(base_dir), "adapter_path": str(adapter_dir)}))
     params = TrainingParams.model_validate({
@@ -158,7 +161,7 @@ def _assert_close(ref, got, quant):
 def _greedy_hf(model, tokenizer, ids, max_new=16):
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False,
-                             eos_token_id=tokenizer.convert_tokens_to_ids(models.IM_END),
+                             eos_token_id=tokenizer.convert_tokens_to_ids(chat_templates.IM_END),
                              pad_token_id=tokenizer.pad_token_id)
     return out[0, len(ids):].tolist()
 
@@ -205,7 +208,9 @@ def test_gguf_metadata_tokenizer_and_template(run, tokenizer):
     field = lambda key: reader.fields[key].contents()  # noqa: E731
     assert field("general.architecture") == run["arch"]
     assert field("general.name") == field("general.basename") == f"tiny-{run['arch']}-bot"
-    assert field("general.base_model.0.name") == run["label"] and run["label"] in field("general.description")
+    assert field("general.base_model.0.name") == f"tiny-{run['arch']}"
+    assert field("general.description") == (f"tiny-{run['arch']}-bot: LoRA chat fine-tune of tiny-{run['arch']}, "
+                                            "merged and exported as q8_0")
     assert field("general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
     assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
     tokens = field("tokenizer.ggml.tokens")
@@ -213,12 +218,12 @@ def test_gguf_metadata_tokenizer_and_template(run, tokenizer):
     types = field("tokenizer.ggml.token_type")
     assert types[:3] == [gguf.TokenType.CONTROL] * 3 and set(types[3:]) == {gguf.TokenType.NORMAL}
     assert len(field("tokenizer.ggml.merges")) > 0
-    im_end = tokenizer.convert_tokens_to_ids(models.IM_END)
+    im_end = tokenizer.convert_tokens_to_ids(chat_templates.IM_END)
     assert field("tokenizer.ggml.eos_token_id") == field("tokenizer.ggml.eot_token_id") == im_end
     assert field("tokenizer.ggml.bos_token_id") == field("tokenizer.ggml.padding_token_id") == 0
     assert field("tokenizer.ggml.add_bos_token") is False
     template = field("tokenizer.chat_template")
-    assert "{% generation %}" not in template and template == gguf_writer.strip_generation_tags(models.CHATML_TEMPLATE)
+    assert "{% generation %}" not in template and template == gguf_writer.strip_generation_tags(chat_templates.CHATML_TEMPLATE)
     prefix = f"{run['arch']}."
     assert field(prefix + "context_length") == CONTEXT and field(prefix + "block_count") == 2
     if run["arch"] == "llama":
@@ -270,7 +275,7 @@ def test_llama_cpp_tokenizes_decodes_and_stops_like_hf(run, tokenizer, quant):
 
     llm = _llama(_gguf_path(run, quant))
     try:
-        im_end = tokenizer.convert_tokens_to_ids(models.IM_END)
+        im_end = tokenizer.convert_tokens_to_ids(chat_templates.IM_END)
         for probe in PROBES:
             prompt = tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
             ids = _chat_ids(tokenizer, probe)
@@ -282,7 +287,7 @@ def test_llama_cpp_tokenizes_decodes_and_stops_like_hf(run, tokenizer, quant):
             assert ref.argmax() == got.argmax()
             # the embedded template renders the prompt HF renders
             formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"],
-                                            eos_token=models.IM_END, bos_token=models.ENDOFTEXT)
+                                            eos_token=chat_templates.IM_END, bos_token=chat_templates.ENDOFTEXT)
             assert formatter(messages=probe).prompt == prompt
 
         # greedy decoding: same tokens as the merged HF model, ending with <|im_end|>
@@ -451,10 +456,10 @@ def _tokenizer_with(pre_tokenizer):
     from tokenizers import pre_tokenizers
 
     tok.train_from_iterator(TEXTS + TRICKY * 5, trainers.BpeTrainer(
-        vocab_size=420, special_tokens=[models.ENDOFTEXT, models.IM_START, models.IM_END],
+        vocab_size=420, special_tokens=[chat_templates.ENDOFTEXT, chat_templates.IM_START, chat_templates.IM_END],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=models.ENDOFTEXT, eos_token=models.IM_END,
-                                   pad_token=models.ENDOFTEXT)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=chat_templates.ENDOFTEXT, eos_token=chat_templates.IM_END,
+                                   pad_token=chat_templates.ENDOFTEXT)
 
 
 def _pre_tokenizer(kind):
@@ -463,9 +468,9 @@ def _pre_tokenizer(kind):
 
     byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=False)
     return {
-        "gpt-2": pt.Sequence([pt.Split(Regex(gguf_writer.GPT2_SPLIT), "isolated"), byte_level]),
-        "llama-bpe": pt.Sequence([pt.Split(Regex(gguf_writer.LLAMA3_SPLIT), "isolated"), byte_level]),
-        "qwen2": pt.Sequence([pt.Split(Regex(gguf_writer.QWEN2_SPLIT), "isolated"), byte_level]),
+        "gpt-2": pt.Sequence([pt.Split(Regex(pretokenizers.GPT2_SPLIT), "isolated"), byte_level]),
+        "llama-bpe": pt.Sequence([pt.Split(Regex(pretokenizers.LLAMA3_SPLIT), "isolated"), byte_level]),
+        "qwen2": pt.Sequence([pt.Split(Regex(pretokenizers.QWEN2_SPLIT), "isolated"), byte_level]),
         "smollm": pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)]),
     }[kind]
 
@@ -603,7 +608,8 @@ TEMPLATE """{{- if .Messages }}
 {{- if .Prompt }}<|im_start|>user
 {{ .Prompt }}<|im_end|>
 {{ end }}<|im_start|>assistant
-{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"""
+{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>
+{{ end }}"""
 SYSTEM """You are a terse geography bot."""
 PARAMETER stop "<|im_end|>"
 PARAMETER stop "<|im_start|>"

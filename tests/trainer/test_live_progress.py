@@ -234,3 +234,58 @@ def test_the_local_summary_names_the_loss_curve():
     details = {"base_model": "tiny-gpt", "metrics": {"loss": 1.0, "accuracy": 0.5, "perplexity": 2.7},
                "model": {"path": "/out/bot.f16.gguf", "size_mb": 1.5}, "loss_curve": "/out/loss.png"}
     assert "loss curve: /out/loss.png" in summary_text(details).splitlines()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_remaining_time_holds_while_work_between_batches_runs(monkeypatch):
+    """Evaluate: 11 batches of the fine-tuned model, its sample answers and the base model's
+    loading (no batches for a long while), then the base model's 11 batches. The remaining time
+    never reaches 0 while batches are left."""
+    from chatbot_trainer.train import progress_server
+
+    clock = FakeClock()
+    monkeypatch.setattr(progress_server.time, "monotonic", clock)
+    board = ProgressBoard("evaluate", "batches")
+    for done in range(12):  # 0..11 of 22, one second each
+        board.update(done, 22)
+        clock.now += 1.0
+    clock.now -= 1.0
+    assert board.snapshot()["eta_seconds"] == 11.0
+    board.pause("sample answers of the fine-tuned model")
+    clock.now += 300.0  # answers and loading take longer than the remaining batches
+    report = board.snapshot()
+    assert (report["eta_seconds"], report["phase"], report["completed"]) == (11.0, "sample answers of the fine-tuned model", 11)
+    board.pause("loading the base model")
+    clock.now += 60.0
+    board.update(11, 22)  # the base model's first batch starts: the rate restarts here
+    assert "phase" not in board.snapshot() and board.snapshot()["eta_seconds"] == 11.0
+    clock.now += 2.0
+    board.update(12, 22)  # the base model is twice as slow per batch
+    assert board.snapshot()["eta_seconds"] == 20.0
+    clock.now += 100.0  # a slow batch: counted down, but not below the batches not started
+    assert board.snapshot()["eta_seconds"] == 18.0
+    board.update(22, 22)
+    assert board.snapshot()["eta_seconds"] == 0.0
+
+
+def test_the_countdown_between_updates_stops_at_the_batches_not_started(monkeypatch):
+    from chatbot_trainer.train import progress_server
+
+    clock = FakeClock()
+    monkeypatch.setattr(progress_server.time, "monotonic", clock)
+    board = ProgressBoard("train", "steps", total=100)
+    board.update(0)
+    clock.now += 10.0
+    board.update(10)
+    assert board.snapshot()["eta_seconds"] == 90.0
+    clock.now += 0.5
+    assert board.snapshot()["eta_seconds"] == 89.5
+    clock.now += 1000.0
+    assert board.snapshot()["eta_seconds"] == 89.0

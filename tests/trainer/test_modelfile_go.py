@@ -20,29 +20,166 @@ from pathlib import Path
 import pytest
 
 from chatbot_trainer.data import chat_templates
+from chatbot_trainer.data.chat_templates import TEMPLATE_VARIABLES
 from chatbot_trainer.export import modelfile
 from chatbot_trainer.model import packaged_models
 from chatbot_trainer.model.gguf_import import read_header
 
-RENDERER = r'''
+RENDERER = r"""
 package main
 
+// What Ollama does with a chat request before the model sees it: the request's messages and
+// tools decoded into Ollama's API types (the fields a template can read, with Ollama's JSON
+// encodings: tool signatures and call arguments in insertion order, compact), the Modelfile's
+// SYSTEM put first when the conversation has no system message, consecutive messages of one
+// role (except tool results) merged, then the TEMPLATE executed with .Messages and .Tools, or,
+// for templates without .Messages (legacy), once per completed turn with .System, .Prompt and
+// .Response and once for the open turn with an empty .Response.
+
 import (
+	"bytes"
 	"encoding/json"
 	"os"
+	"strings"
 	"text/template"
 )
 
-type Message struct {
-	Role    string `json:"role"`
-	Content string `json:"content"`
+type OrderedMap[V any] struct {
+	keys   []string
+	values map[string]V
 }
 
-type Values struct {
-	Messages []Message
-	System   string
-	Prompt   string
-	Response string
+func (m *OrderedMap[V]) UnmarshalJSON(data []byte) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if _, err := dec.Token(); err != nil {
+		return err
+	}
+	m.values = map[string]V{}
+	for dec.More() {
+		key, err := dec.Token()
+		if err != nil {
+			return err
+		}
+		var value V
+		if err := dec.Decode(&value); err != nil {
+			return err
+		}
+		m.keys = append(m.keys, key.(string))
+		m.values[key.(string)] = value
+	}
+	return nil
+}
+
+func (m OrderedMap[V]) MarshalJSON() ([]byte, error) {
+	var b bytes.Buffer
+	b.WriteByte('{')
+	for i, key := range m.keys {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		k, _ := json.Marshal(key)
+		v, err := json.Marshal(m.values[key])
+		if err != nil {
+			return nil, err
+		}
+		b.Write(k)
+		b.WriteByte(':')
+		b.Write(v)
+	}
+	b.WriteByte('}')
+	return b.Bytes(), nil
+}
+
+func (m *OrderedMap[V]) String() string {
+	b, _ := json.Marshal(m)
+	return string(b)
+}
+
+type PropertyType []string
+
+func (t *PropertyType) UnmarshalJSON(data []byte) error {
+	var one string
+	if err := json.Unmarshal(data, &one); err == nil {
+		*t = []string{one}
+		return nil
+	}
+	var many []string
+	err := json.Unmarshal(data, &many)
+	*t = many
+	return err
+}
+
+func (t PropertyType) MarshalJSON() ([]byte, error) {
+	if len(t) == 1 {
+		return json.Marshal(t[0])
+	}
+	return json.Marshal([]string(t))
+}
+
+type ToolProperty struct {
+	AnyOf       []ToolProperty            `json:"anyOf,omitempty"`
+	Type        PropertyType              `json:"type,omitempty"`
+	Items       any                       `json:"items,omitempty"`
+	Description string                    `json:"description,omitempty"`
+	Enum        []any                     `json:"enum,omitempty"`
+	Properties  *OrderedMap[ToolProperty] `json:"properties,omitempty"`
+}
+
+type ToolFunctionParameters struct {
+	Type       string                    `json:"type"`
+	Defs       any                       `json:"$defs,omitempty"`
+	Items      any                       `json:"items,omitempty"`
+	Required   []string                  `json:"required,omitempty"`
+	Properties *OrderedMap[ToolProperty] `json:"properties"`
+}
+
+type ToolFunction struct {
+	Name        string                 `json:"name"`
+	Description string                 `json:"description,omitempty"`
+	Parameters  ToolFunctionParameters `json:"parameters"`
+}
+
+func (f *ToolFunction) String() string {
+	b, _ := json.Marshal(f)
+	return string(b)
+}
+
+type Tool struct {
+	Type     string       `json:"type"`
+	Items    any          `json:"items,omitempty"`
+	Function ToolFunction `json:"function"`
+}
+
+type ToolCallFunction struct {
+	Index     int             `json:"index"`
+	Name      string          `json:"name"`
+	Arguments OrderedMap[any] `json:"arguments"`
+}
+
+type ToolCall struct {
+	Function ToolCallFunction `json:"function"`
+}
+
+type Message struct {
+	Role      string     `json:"role"`
+	Content   string     `json:"content"`
+	ToolCalls []ToolCall `json:"tool_calls,omitempty"`
+}
+
+func collate(messages []Message) (string, []*Message) {
+	var system []string
+	var collated []*Message
+	for i := range messages {
+		if messages[i].Role == "system" {
+			system = append(system, messages[i].Content)
+		}
+		if n := len(collated); n > 0 && collated[n-1].Role == messages[i].Role && messages[i].Role != "tool" {
+			collated[n-1].Content += "\n\n" + messages[i].Content
+		} else {
+			collated = append(collated, &messages[i])
+		}
+	}
+	return strings.Join(system, "\n\n"), collated
 }
 
 func main() {
@@ -50,27 +187,54 @@ func main() {
 		Template string    `json:"template"`
 		System   string    `json:"system"`
 		Messages []Message `json:"messages"`
+		Tools    []Tool    `json:"tools"`
 		Legacy   bool      `json:"legacy"`
 	}
 	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
 		panic(err)
 	}
-	t := template.Must(template.New("").Option("missingkey=zero").Parse(in.Template))
-	if in.Legacy { // older Ollama: .System and .Prompt, no .Messages
-		if err := t.Execute(os.Stdout, Values{System: in.System, Prompt: in.Messages[len(in.Messages)-1].Content}); err != nil {
-			panic(err)
-		}
-		return
-	}
+	funcs := template.FuncMap{"json": func(v any) string { b, _ := json.Marshal(v); return string(b) }}
+	t := template.Must(template.New("").Option("missingkey=zero").Funcs(funcs).Parse(in.Template))
 	messages := in.Messages
 	if in.System != "" && (len(messages) == 0 || messages[0].Role != "system") {
 		messages = append([]Message{{Role: "system", Content: in.System}}, messages...)
 	}
-	if err := t.Execute(os.Stdout, Values{Messages: messages}); err != nil {
-		panic(err)
+	system, collated := collate(messages)
+	if !in.Legacy {
+		values := map[string]any{"System": system, "Messages": collated, "Tools": in.Tools, "Response": ""}
+		if err := t.Execute(os.Stdout, values); err != nil {
+			panic(err)
+		}
+		return
 	}
+	system, prompt, response := "", "", ""
+	execute := func() {
+		values := map[string]any{"System": system, "Prompt": prompt, "Response": response}
+		if err := t.Execute(os.Stdout, values); err != nil {
+			panic(err)
+		}
+		system, prompt, response = "", "", ""
+	}
+	for _, m := range collated {
+		switch m.Role {
+		case "system":
+			if prompt != "" || response != "" {
+				execute()
+			}
+			system = m.Content
+		case "user":
+			if response != "" {
+				execute()
+			}
+			prompt = m.Content
+		case "assistant":
+			response = m.Content
+		}
+	}
+	response = "" // the open turn: these templates write nothing after an empty .Response
+	execute()
 }
-'''
+"""
 
 QWEN25_STYLE = (
     "{%- if messages[0]['role'] == 'system' %}"
@@ -126,19 +290,20 @@ def go_render(tmp_path_factory):
            "CGO_ENABLED": "0", "GOTOOLCHAIN": "local"}
     subprocess.run([go, "build", "-o", str(work / "render"), "."], cwd=work, env=env, check=True, timeout=600)
 
-    def render(template: str, system: str | None, messages: list[dict[str, str]], legacy: bool = False) -> str:
-        payload = json.dumps({"template": template, "system": system or "", "messages": messages, "legacy": legacy})
+    def render(template: str, system: str | None, messages: list[dict], legacy: bool = False, tools=None) -> str:
+        payload = json.dumps({"template": template, "system": system or "", "messages": messages,
+                              "tools": tools or [], "legacy": legacy})
         done = subprocess.run([str(work / "render")], input=payload, capture_output=True, text=True, check=True)
         return done.stdout
 
     return render
 
 
-def hf_render(template: str, messages: list[dict[str, str]], special: dict[str, str]) -> str:
+def hf_render(template: str, messages: list[dict], special: dict[str, str], tools=None) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
-                                        add_generation_prompt=True, **special)
+    rendered, _ = render_jinja_template(conversations=[messages], chat_template=template, tools=tools,
+                                        add_generation_prompt=True, **special, **TEMPLATE_VARIABLES)
     text = rendered[0]
     bos = special.get("bos_token")
     return text[len(bos):] if bos and text.startswith(bos) else text
@@ -195,12 +360,166 @@ def test_generic_chatml_without_default_has_no_system_line(go_render):
         assert go_render(go_template, None, messages) == hf_render(template, messages, {})
 
 
+@pytest.mark.parametrize("conversation", ["one question", "several turns"])
 @pytest.mark.parametrize("family", ["smollm2", "llama3-style"])
-def test_the_legacy_system_prompt_form_renders_the_same(go_render, family):
-    """Ollama versions without .Messages render .System and .Prompt."""
+def test_the_legacy_system_prompt_form_renders_the_same(go_render, family, conversation):
+    """Ollama versions without .Messages render .System, .Prompt and .Response turn by turn."""
     template, special = (smollm2_template(), {}) if family == "smollm2" else (LLAMA3_STYLE, SPECIAL)
     go_template, system = modelfile_parts(template, special)
-    question = CONVERSATIONS["one question"]
-    expected = hf_render(template, question if system is None else
-                         [{"role": "system", "content": system}, *question], special)
-    assert go_render(go_template, system, question, legacy=True) == expected
+    messages = CONVERSATIONS[conversation]
+    expected = hf_render(template, messages if system is None else
+                         [{"role": "system", "content": system}, *messages], special)
+    assert go_render(go_template, system, messages, legacy=True) == expected
+
+
+# ---------------------------------------------------------------------------- real templates
+# The chat templates of Qwen2.5-7B-Instruct, Llama-3.1-8B-Instruct and Llama-3.2-3B-Instruct,
+# copied from llama.cpp's models/templates/ (as vendored in llama-cpp-python 0.3.36).
+
+TEMPLATES_DIR = Path(__file__).parent / "chat_templates"
+REAL_TEMPLATES = {
+    "qwen2.5": ("Qwen-Qwen2.5-7B-Instruct.jinja", {"eos_token": "<|im_end|>"}),
+    "llama3.1": ("meta-llama-Llama-3.1-8B-Instruct.jinja", SPECIAL),
+    "llama3.2": ("meta-llama-Llama-3.2-3B-Instruct.jinja", SPECIAL),
+}
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "City name"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city"],
+        },
+    },
+}
+ORDER = {
+    "type": "function",
+    "function": {
+        "name": "order_status",
+        "description": "Status of an order",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "integer"}}, "required": ["order_id"]},
+    },
+}
+
+
+def _call(name: str, arguments: dict) -> dict:
+    return {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": name, "arguments": arguments}}]}
+
+
+TOOL_CONVERSATIONS = {
+    "a question": [{"role": "user", "content": "Weather in Paris?"}],
+    "a call and its result": [
+        {"role": "user", "content": "Weather in Paris?"},
+        _call("get_weather", {"city": "Paris", "unit": "celsius"}),
+        {"role": "tool", "content": "18 degrees, sunny"},
+    ],
+    "a system message, a call, the answer and a new question": [
+        {"role": "system", "content": "You answer for Acme support."},
+        {"role": "user", "content": "Where is order 42?"},
+        _call("order_status", {"order_id": 42}),
+        {"role": "tool", "content": "{\"status\": \"shipped\"}"},
+        {"role": "assistant", "content": "Order 42 has shipped."},
+        {"role": "user", "content": "And the weather in Oslo?"},
+    ],
+}
+# Qwen2.5 also takes several calls in one turn (Llama 3.1/3.2 refuse them).
+QWEN_ONLY = {
+    "two calls and their results": [
+        {"role": "user", "content": "Weather in Paris and Oslo?"},
+        {"role": "assistant", "content": "Let me check both.", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
+        ]},
+        {"role": "tool", "content": "18 degrees"},
+        {"role": "tool", "content": "9 degrees"},
+    ],
+}
+
+
+def real_template(family: str) -> tuple[str, dict[str, str]]:
+    if family == "chatml-tools":  # the trainer's built-in, as the GGUF carries it
+        from chatbot_trainer.export.gguf_writer import strip_generation_tags
+
+        return strip_generation_tags(chat_templates.CHATML_TOOLS_TEMPLATE), {"eos_token": "<|im_end|>"}
+    name, special = REAL_TEMPLATES[family]
+    return (TEMPLATES_DIR / name).read_text(), special
+
+
+def same_json(text: str) -> str:
+    """`text` with every JSON object in it re-encoded canonically (sorted keys, compact).
+
+    Ollama encodes tool signatures and call arguments with Go's encoding/json (compact, its
+    struct field order); the Hugging Face templates with json.dumps (", " and ": ", the given
+    key order, indent=4 for Llama's signatures). Everything outside JSON objects is compared
+    byte for byte."""
+    decoder = json.JSONDecoder()
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "{":
+            try:
+                value, end = decoder.raw_decode(text, i)
+            except ValueError:
+                value = None
+            if isinstance(value, dict):
+                out.append(json.dumps(value, sort_keys=True, separators=(",", ":")))
+                i = end
+                continue
+        out.append(text[i])
+        i += 1
+    return "".join(out)
+
+
+@pytest.mark.parametrize("family", [*sorted(REAL_TEMPLATES), "chatml-tools"])
+@pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
+def test_real_templates_without_tools_render_byte_for_byte(go_render, family, conversation):
+    template, special = real_template(family)
+    go_template, system = modelfile_parts(template, special)
+    messages = CONVERSATIONS[conversation]
+    assert go_render(go_template, system, messages) == hf_render(template, messages, special)
+
+
+@pytest.mark.parametrize("family", [*sorted(REAL_TEMPLATES), "chatml-tools"])
+@pytest.mark.parametrize("conversation", sorted(TOOL_CONVERSATIONS) + sorted(QWEN_ONLY))
+def test_real_templates_with_tools_render_the_same_up_to_json_spacing(go_render, family, conversation):
+    if conversation in QWEN_ONLY and family.startswith("llama"):
+        pytest.skip("Llama 3.1/3.2 templates take one tool call per turn")
+    template, special = real_template(family)
+    go_template, system = modelfile_parts(template, special)
+    messages = {**TOOL_CONVERSATIONS, **QWEN_ONLY}[conversation]
+    tools = [WEATHER, ORDER]
+    go_text = go_render(go_template, system, messages, tools=tools)
+    hf_text = hf_render(template, messages, special, tools=tools)
+    assert same_json(go_text) == same_json(hf_text)
+    assert "get_weather" in go_text and "Current weather in a city" in go_text
+
+
+@pytest.mark.parametrize("family", ["llama3.1", "llama3.2", "llama3-style"])
+def test_llama3_trims_messages_like_the_hugging_face_template(go_render, family):
+    template, special = (LLAMA3_STYLE, SPECIAL) if family == "llama3-style" else real_template(family)
+    go_template, system = modelfile_parts(template, special)
+    messages = [
+        {"role": "system", "content": "\n  Be brief.  \n"},
+        {"role": "user", "content": "  Hi\tthere \n\n"},
+        {"role": "assistant", "content": "\tHello!\n"},
+        {"role": "user", "content": " \n\t "},
+        {"role": "assistant", "content": "x"},
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": " y"},
+        {"role": "user", "content": "Zürich  \u00a0 "},  # NBSP is kept by the Go trim: ASCII only
+    ]
+    expected = hf_render(template, messages, special)
+    assert go_render(go_template, system, messages) == expected.replace("Zürich", "Zürich  \u00a0")
+
+
+def test_templates_ollama_cannot_match_are_left_to_the_gguf():
+    assert modelfile.ollama_template("{{ messages }}{% if tools %}[TOOLS]{% endif %}") is None
+    assert modelfile.ollama_template(real_template("qwen2.5")[0]) == modelfile.CHATML_TOOLS_OLLAMA_TEMPLATE
+    assert modelfile.ollama_template(real_template("llama3.2")[0]) == modelfile.LLAMA31_OLLAMA_TEMPLATE
+    assert modelfile.ollama_template(real_template("chatml-tools")[0]) == modelfile.CHATML_TOOLS_OLLAMA_TEMPLATE

@@ -20,6 +20,17 @@ def test_presets_fall_back_to_a_scratch_model_offline_and_say_so(monkeypatch):
     assert "HF_HUB_OFFLINE=1" in choice.label and "no offline copy" in choice.label
 
 
+@pytest.mark.parametrize("preset", ["qwen2", "mistral"])
+def test_an_offline_stand_in_names_the_architecture_it_really_has(monkeypatch, preset):
+    """qwen2 and mistral fall back to a Llama-shaped scratch model: no result says otherwise."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    choice = resolve_base_model(preset)
+    assert (choice.source, choice.name_or_path, choice.architecture) == ("scratch", "scratch-llama", "llama")
+    assert choice.scratch.architecture == "llama"
+    assert f"a llama-architecture model built from a config (not {preset}), and its GGUF export is llama" in choice.label
+    assert resolve_base_model("scratch-llama").label == "scratch-llama (built from a config, random init)"
+
+
 def test_smollm_resolves_to_its_packaged_copy_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     found = packaged_models.find("smollm")

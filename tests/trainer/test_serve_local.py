@@ -29,7 +29,7 @@ from chatbot_trainer.steps import run_step
 from chatbot_trainer.workspace import StepContext
 
 pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (scripts/bootstrap.sh --llama)")
-pytest.importorskip("fastapi", reason="needs the serve extra")
+pytest.importorskip("uvicorn", reason="needs the serve extra")
 pytestmark = pytest.mark.llama_cpp
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -203,6 +203,154 @@ def test_bad_requests_get_400_json_errors(server: Server, body: bytes, param: st
     assert error["param"] == param
     # the server keeps answering
     assert server.chat(messages=QUESTION_MESSAGES, temperature=0, max_tokens=32)[0] == 200
+
+
+# ---------------------------------------------------------------------------- what clients send
+
+
+def openai_client(server: Server, **options):
+    openai = pytest.importorskip("openai", reason="needs the official openai client (test extra)")
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, **options)
+
+
+def test_eight_concurrent_streams_all_complete_with_the_openai_client(server: Server):
+    """Eight users at once: every stream gets the whole answer and a finish_reason (llama-cpp-
+    python's own server interrupted all but one, leaving them empty without an error)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = openai_client(server)
+
+    def ask(_: int) -> tuple[str, str | None]:
+        text, finish = [], None
+        for chunk in client.chat.completions.create(
+                model=ALIAS, messages=QUESTION_MESSAGES, temperature=0, max_tokens=32,
+                stream=True, timeout=120):
+            for choice in chunk.choices:
+                text.append(choice.delta.content or "")
+                finish = choice.finish_reason or finish
+        return "".join(text), finish
+
+    def ask_whole(_: int) -> str:
+        return client.chat.completions.create(model=ALIAS, messages=QUESTION_MESSAGES,
+                                              temperature=0, max_tokens=32,
+                                              timeout=120).choices[0].message.content
+
+    with ThreadPoolExecutor(12) as pool:
+        streams = pool.map(ask, range(8))
+        whole = pool.map(ask_whole, range(4))
+        assert list(streams) == [(ANSWER, "stop")] * 8
+        assert list(whole) == [ANSWER] * 4
+
+
+def test_content_parts_are_read_as_text(server: Server):
+    client = openai_client(server)
+    parts = [{"type": "text", "text": QUESTION}]
+    answer = client.chat.completions.create(
+        model=ALIAS, messages=[{"role": "user", "content": parts}], temperature=0, max_tokens=32)
+    assert answer.choices[0].message.content == ANSWER
+    status, body = server.chat(messages=[{"role": "user", "content": [
+        *parts, {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
+    assert status == 400
+    assert json.loads(body)["error"]["param"] == "messages[0].content[1].type"
+
+
+def test_json_schema_response_format_gives_json_that_matches(server: Server):
+    client = openai_client(server)
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Rome", "Berlin"]},
+        "sure": {"type": "boolean"}}, "required": ["city", "sure"], "additionalProperties": False}
+    answer = client.chat.completions.create(
+        model=ALIAS, messages=QUESTION_MESSAGES, max_tokens=48, temperature=0.7, seed=3,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "answer", "schema": schema, "strict": True}})
+    data = json.loads(answer.choices[0].message.content)
+    assert set(data) == {"city", "sure"} and data["city"] in ("Paris", "Rome", "Berlin")
+    assert isinstance(data["sure"], bool)
+    anything = client.chat.completions.create(
+        model=ALIAS, messages=QUESTION_MESSAGES, max_tokens=48, temperature=0,
+        response_format={"type": "json_object"})
+    assert isinstance(json.loads(anything.choices[0].message.content), (dict, list))
+
+
+def test_n_choices_and_usage_of_a_stream(server: Server):
+    client = openai_client(server)
+    answer = client.chat.completions.create(model=ALIAS, messages=QUESTION_MESSAGES, n=2,
+                                            temperature=0, max_tokens=32)
+    assert [(c.index, c.message.content) for c in answer.choices] == [(0, ANSWER), (1, ANSWER)]
+    one = client.chat.completions.create(model=ALIAS, messages=QUESTION_MESSAGES,
+                                         temperature=0, max_tokens=32).usage
+    assert answer.usage.completion_tokens == 2 * one.completion_tokens
+    chunks = list(client.chat.completions.create(
+        model=ALIAS, messages=QUESTION_MESSAGES, temperature=0, max_tokens=32, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (
+        one.prompt_tokens, one.completion_tokens)
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stop_and_max_tokens(server: Server):
+    client = openai_client(server)
+    cut = client.chat.completions.create(model=ALIAS, messages=QUESTION_MESSAGES, temperature=0,
+                                         max_tokens=2)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 2
+    stopped = client.chat.completions.create(model=ALIAS, messages=QUESTION_MESSAGES,
+                                             temperature=0, max_tokens=32, stop=[" capital"])
+    assert stopped.choices[0].message.content == ANSWER.split(" capital")[0]
+    whole = client.chat.completions.create(model=ALIAS, messages=QUESTION_MESSAGES,
+                                           temperature=0, max_tokens=-1)
+    assert whole.choices[0].message.content == ANSWER
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_prompt_longer_than_the_context_is_a_400(server: Server, stream: bool):
+    status, body = server.chat(messages=[{"role": "user", "content": "Hello there " * 200}],
+                               max_tokens=8, stream=stream)
+    assert status == 400, body
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and "context" in error["message"]
+    assert server.chat(messages=QUESTION_MESSAGES, temperature=0, max_tokens=32)[0] == 200
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/v1/nowhere", 404), ("GET", "/v1/chat/completions", 405)])
+def test_unknown_paths_and_methods_get_openai_errors(server: Server, method, path, status):
+    request = urllib.request.Request(f"{server.url}{path}", method=method)
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == status
+    error = json.loads(caught.value.read())["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_sigterm_lets_the_stream_in_flight_finish():
+    """A stream running when SIGTERM arrives completes; new connections are refused; the
+    server then exits 0. The real SmolLM2 file: its answers take long enough to be caught."""
+    from chatbot_trainer.model import packaged_models
+
+    model = packaged_models.find("smollm")
+    if model is None:
+        pytest.skip("needs the SmolLM2 GGUF (scripts/bootstrap.sh)")
+    running = Server(model)
+    try:
+        running.wait_ready()
+        client = openai_client(running)
+        stream = client.chat.completions.create(
+            model="x", messages=[{"role": "user", "content": "Write a long story about a cat."}],
+            max_tokens=120, temperature=0.7, seed=1, stream=True,
+            stream_options={"include_usage": True}, timeout=120)
+        chunks = iter(stream)
+        first = next(chunks)
+        running.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert call(f"{running.url}/health", timeout=5)[0] == 0  # no new connections
+        rest = list(chunks)
+        finish = [c.choices[0].finish_reason for c in [first, *rest] if c.choices]
+        assert finish[-1] in ("length", "stop")
+        assert rest[-1].usage is not None and rest[-1].usage.completion_tokens > 20
+        assert running.process.wait(timeout=60) == 0
+    finally:
+        running.stop()
 
 
 def test_health_then_sigterm_stops_cleanly(gguf: Path):

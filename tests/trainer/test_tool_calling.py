@@ -170,7 +170,7 @@ def test_configure_check_fails_naming_model_and_rows(chatml_tokenizer):
         check_chat_template(chatml_tokenizer, "acme/tiny-chat", _report(10, [2, 3, 5, 8, 9, 12]), 0.1)
     message = info.value.message
     assert "the chat template of acme/tiny-chat (the trainer's ChatML template) cannot express tool calls" in message
-    assert "6 of 10 conversations use tools (lines 2, 3, 5, 8, 9, …)" in message
+    assert "6 of 10 conversations call tools (lines 2, 3, 5, 8, 9, …)" in message
     assert "choose a base model whose template supports tools" in message
 
 
@@ -178,7 +178,7 @@ def test_configure_check_warns_when_few_rows_use_tools(chatml_tokenizer):
     result = check_chat_template(chatml_tokenizer, "acme/tiny-chat", _report(100, [4]), 0.1)
     assert result["tools"] == "unsupported"
     (warning,) = result["warnings"]
-    assert "1 of 100 conversations use tools (line 4)" in warning and "left out of training" in warning
+    assert "1 of 100 conversations call tools (line 4)" in warning and "left out of training" in warning
 
 
 def test_configure_check_reports_tools_and_default_system_prompt(tools_tokenizer, chatml_tokenizer):
@@ -255,12 +255,14 @@ def _run_steps(tmp_path, data, *steps):
 def test_prepare_counts_tool_rows_and_configure_refuses_a_template_without_tools(tmp_path):
     data = _tool_data(tmp_path / "tools.jsonl", tool_rows=3, plain_rows=17)
     (prepared,) = _run_steps(tmp_path, data, "prepare")
-    assert prepared["report"]["tools"] == {"conversations": 3, "lines": [1, 2, 3]}
+    assert prepared["report"]["tools"] == {"conversations": 3, "lines": [1, 2, 3], "define_only": 0,
+                                           "define_only_lines": []}
     assert prepared["summary"]["tool_conversations"] == 3
     with pytest.raises(InvalidData) as info:
         _run_steps(tmp_path, data, "configure")
     assert "the chat template of tiny-gpt" in info.value.message
-    assert "3 of 20 conversations use tools (lines 1, 2, 3)" in info.value.message
+    assert "set chatTemplate: chatml-tools" in info.value.message  # the model has ChatML's tokens
+    assert "3 of 20 conversations call tools (lines 1, 2, 3)" in info.value.message
     message = json.loads((tmp_path / "configure.msg").read_text())
     assert message["reason"] == "InvalidData" and "tools" in message["message"]
 
@@ -269,7 +271,7 @@ def test_configure_warns_when_a_few_rows_use_tools(tmp_path):
     data = _tool_data(tmp_path / "tools.jsonl", tool_rows=1, plain_rows=19)
     _, configured = _run_steps(tmp_path, data, "prepare", "configure")
     assert configured["chat_template"]["tools"] == "unsupported"
-    assert "1 of 20 conversations use tools (line 1)" in configured["summary"]["warnings"][0]
+    assert "1 of 20 conversations call tools (line 1)" in configured["summary"]["warnings"][0]
 
 
 def test_modelfile_leaves_a_tool_template_to_the_gguf():
@@ -277,3 +279,24 @@ def test_modelfile_leaves_a_tool_template_to_the_gguf():
 
     assert modelfile.ollama_template(TOOLS_TEMPLATE) is None
     assert modelfile.ollama_template(CHATML_TEMPLATE) == modelfile.CHATML_OLLAMA_TEMPLATE
+
+
+def test_rows_that_only_define_tools_are_counted_apart(chatml_tokenizer):
+    from chatbot_trainer.data.dataset import prepare_conversations, report_summary
+
+    from tool_data import openai_rows, tool_conversations
+
+    conversations = tool_conversations(30)
+    data = prepare_conversations(openai_rows(conversations), eval_fraction=0)
+    tools = data.report["tools"]
+    calling = [c for c in data.train if any(m["role"] == "tool" for m in c["messages"])]
+    assert tools["conversations"] == len(calling) and tools["lines"] == [c["line"] for c in calling][:20]
+    assert tools["define_only"] == data.report["kept"] - len(calling) > 0
+    summary = report_summary(data.report)
+    assert (summary["tool_conversations"], summary["tool_definitions_only"]) == (tools["conversations"],
+                                                                                 tools["define_only"])
+    with pytest.raises(InvalidData) as info:
+        check_chat_template(chatml_tokenizer, "acme/tiny-chat", data.report, 0.1)
+    assert (f"{tools['conversations']} of {data.report['kept']} conversations call tools (records "
+            f"{', '.join(map(str, tools['lines'][:5]))}, …) and {tools['define_only']} more only define tools "
+            f"(records {', '.join(map(str, tools['define_only_lines'][:5]))}, …)") in info.value.message

@@ -288,7 +288,7 @@ def test_a_diverging_run_stops_with_a_named_reason_and_no_checkpoint(tmp_path, m
 
 def test_check_finite_names_the_last_good_loss():
     from chatbot_trainer.errors import TrainingDiverged
-    from chatbot_trainer.train.recipe import check_finite
+    from chatbot_trainer.train.monitor import check_finite
 
     params = TrainingParams(training_data="x", learning_rate=0.5)
     check_finite(3, 2.5, 1.0, [], params)

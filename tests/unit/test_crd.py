@@ -17,7 +17,7 @@ import pydantic
 import pytest
 import yaml
 
-from chatbot_api.corev1 import TOLERATION_RULES
+from chatbot_api.corev1 import LABEL_MAP_RULES, TOLERATION_RULES, is_label_key
 from chatbot_api.crd import CRD_PATHS, REPO_ROOT, build_crd, render_crd
 from chatbot_api.spec import (
     CLUSTER_RULES,
@@ -36,7 +36,7 @@ from chatbot_api.status import ChatbotTrainingStatus
 
 MANIFESTS = Path(__file__).resolve().parent / "manifests"
 # Rules of the spec's objects (checked by the models too); the name rule is the operator's.
-MODEL_RULES = CROSS_FIELD_RULES + CLUSTER_RULES + TOLERATION_RULES
+MODEL_RULES = CROSS_FIELD_RULES + CLUSTER_RULES + TOLERATION_RULES + LABEL_MAP_RULES
 CRD = build_crd()
 SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
@@ -165,9 +165,10 @@ def test_immutable_fields_carry_self_equals_old_self():
             rules = [v["rule"] for v in props[field].get("x-kubernetes-validations", [])]
             assert "self == oldSelf" in rules, field
     mutable = set(properties) - set(IMMUTABLE_FIELDS)
-    assert {"suspend", "evaluation", "export", "resources", "steps"} <= mutable
+    assert {"suspend", "evaluation", "export", "resources", "steps", "nodeSelector"} <= mutable
     for field in mutable:
-        assert "x-kubernetes-validations" not in properties[field], field
+        rules = [v["rule"] for v in properties[field].get("x-kubernetes-validations", [])]
+        assert "self == oldSelf" not in rules, field
 
 
 def test_cel_rules_in_the_crd_are_the_models_rules():
@@ -180,6 +181,11 @@ def test_cel_rules_in_the_crd_are_the_models_rules():
     assert toleration["maxItems"]  # bounds the rules' estimated cost
     assert SCHEMA["x-kubernetes-validations"] == [{"rule": NAME_RULE.cel,
                                                    "message": NAME_RULE.message}]
+    spec = SCHEMA["properties"]["spec"]["properties"]
+    for label_map in (spec["nodeSelector"], spec["serve"]["properties"]["nodeSelector"]):
+        assert label_map["x-kubernetes-validations"] == [
+            {"rule": r.cel, "message": r.message} for r in LABEL_MAP_RULES]
+        assert label_map["maxProperties"] == 64  # bounds the rule's estimated cost
 
 
 def test_the_name_rule_keeps_every_derived_name_a_valid_label_value():
@@ -194,16 +200,38 @@ def test_the_name_rule_keeps_every_derived_name_a_valid_label_value():
     assert all(name.startswith(longest + "-") for name in derived)  # never shortened
 
 
-def test_node_selector_keys_are_checked_by_the_model():
-    """A CRD cannot hold the format of map keys (CEL over keys exceeds the cost budget), so the
-    model checks them; the operator applies the model before it creates anything."""
-    manifest = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": "x"},
-                "spec": minimal(nodeSelector={"gpu type!": "h100"})}
-    assert schema_errors(manifest) == []
-    with pytest.raises(pydantic.ValidationError, match="'gpu type!' is not a label key"):
-        ChatbotTrainingSpec.model_validate(manifest["spec"])
-    ChatbotTrainingSpec.model_validate(minimal(nodeSelector={"nvidia.com/gpu.product": "H100"}))
+@pytest.mark.parametrize("where", ["nodeSelector", "serve.nodeSelector"])
+def test_label_map_keys_are_checked_at_apply_time(where: str):
+    """A structural schema has no propertyNames: the key format is a CEL rule on the map."""
+    def spec_with(labels):
+        return minimal(nodeSelector=labels) if where == "nodeSelector" else minimal(serve={"nodeSelector": labels})
+
+    rule = cel_program(LABEL_MAP_RULES[0].cel)
+    good = {"kubernetes.io/arch": "amd64", "nvidia.com/gpu.product": "H100", "zone": "a",
+            "a" * 253 + "/" + "b" * 63: "x"}
+    for labels in ({}, good, {"bad key!": "x"}, {"-x": "y"}, {"kubernetes.io/": "y"}, {"x" * 64: "y"},
+                   {"Upper.Case/x": "y"}):
+        expected = all(is_label_key(k) for k in labels)
+        assert rule(labels) is expected, labels
+        manifest = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": "x"},
+                    "spec": spec_with(labels)}
+        assert schema_errors(manifest) == []
+        if expected:
+            ChatbotTrainingSpec.model_validate(spec_with(labels))
+        else:
+            with pytest.raises(pydantic.ValidationError, match="is not a label key"):
+                ChatbotTrainingSpec.model_validate(spec_with(labels))
     assert "propertyNames" not in str(SCHEMA)
+
+
+def test_affinity_match_labels_keys_are_checked_by_the_model():
+    term = {"labelSelector": {"matchLabels": {"bad key!": "x"}}, "topologyKey": "kubernetes.io/hostname"}
+    with pytest.raises(pydantic.ValidationError, match="'bad key!' is not a label key"):
+        ChatbotTrainingSpec.model_validate(minimal(affinity={"podAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [term]}}))
+    term["labelSelector"]["matchLabels"] = {"app.kubernetes.io/name": "x"}
+    ChatbotTrainingSpec.model_validate(minimal(affinity={"podAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [term]}}))
 
 
 def test_status_schema_accepts_what_the_operator_writes():
@@ -314,12 +342,29 @@ RULE_CASES = {
          minimal(serve={"quantization": "q4_0"}, export={"quantizations": ["q4_0"]}),
          minimal(serve={"enabled": True})],
         minimal(serve={"enabled": True, "quantization": "q4_0"})),
+    "serve.contextSize / serve.parallel must be at least 256: each parallel slot gets that many "
+    "tokens of context": (
+        [minimal(serve={"enabled": True}), minimal(serve={"contextSize": 2048, "parallel": 8}),
+         minimal(serve={"parallel": 16, "contextSize": 4096})],
+        minimal(serve={"enabled": True, "parallel": 32})),
     "nodes > 1 needs a workspace every node can mount: set workspace.accessMode to ReadWriteMany, "
     "with a StorageClass that provides it, or workspace.existingClaim to a ReadWriteMany claim": (
         [minimal(nodes=2, workspace={"accessMode": "ReadWriteMany"}),
          minimal(nodes=2, workspace={"existingClaim": "shared"}), minimal(nodes=1)],
         minimal(nodes=2, workspace={"accessMode": "ReadWriteOnce"})),
 }
+
+
+RULE_CASES["batchSize must be a multiple of the number of training processes, nodes × gpu.count: "
+           "each process takes an equal share of every batch"] = (
+    [minimal(batchSize=8, gpu={"count": 4}), minimal(batchSize=9, gpu={"count": 0}), minimal(batchSize=9),
+     minimal(batchSize=12, gpu={"count": 3}, nodes=2, workspace={"accessMode": "ReadWriteMany"}),
+     minimal(batchSize=6, nodes=3, gpu={"count": 0}, workspace={"accessMode": "ReadWriteMany"})],
+    minimal(batchSize=8, gpu={"count": 3}))
+RULE_CASES_MORE_FAILING = [
+    minimal(batchSize=8, gpu={"count": 2}, nodes=3, workspace={"accessMode": "ReadWriteMany"}),
+    minimal(gpu={"count": 3}),  # the default batchSize, 8
+]
 
 
 def test_every_rule_has_cases():
@@ -345,3 +390,61 @@ def test_rule_holds_and_breaks_like_the_model(message: str):
 def test_immutable_fields_are_real_fields():
     properties = SCHEMA["properties"]["spec"]["properties"]
     assert set(IMMUTABLE_FIELDS) <= set(properties)
+
+
+# ----------------------------------------------------------------------------- CEL itself
+
+
+def cel_program(rule: str):
+    """A CEL rule compiled with cel-python (RE2 regular expressions, as the API server)."""
+    import celpy
+
+    env = celpy.Environment()
+    program = env.program(env.compile(rule))
+    return lambda value: bool(program.evaluate({"self": celpy.json_to_cel(value)}))
+
+
+def with_defaults(schema: dict, value: Any) -> Any:
+    """The object as the API server validates it: structural defaults applied first."""
+    if isinstance(value, dict) and "properties" in schema:
+        out = dict(value)
+        for name, sub in schema["properties"].items():
+            if name not in out and "default" in sub:
+                out[name] = copy.deepcopy(sub["default"])
+            if name in out:
+                out[name] = with_defaults(sub, out[name])
+        return out
+    if isinstance(value, list) and "items" in schema:
+        return [with_defaults(schema["items"], item) for item in value]
+    return value
+
+
+@pytest.mark.parametrize("message", sorted(RULE_CASES))
+def test_each_cel_rule_decides_like_its_python_twin(message: str):
+    rule = next(r for r in CROSS_FIELD_RULES + CLUSTER_RULES if r.message == message)
+    program = cel_program(rule.cel)
+    spec_schema = SCHEMA["properties"]["spec"]
+    passing, failing = RULE_CASES[message]
+    failing = [failing] + (RULE_CASES_MORE_FAILING if message.startswith("batchSize must be a multiple of the number")
+                           else [])
+    for spec in passing:
+        assert program(with_defaults(spec_schema, spec)), spec
+    for spec in failing:
+        assert not program(with_defaults(spec_schema, spec)), spec
+        with pytest.raises(pydantic.ValidationError, match=message):
+            ChatbotTrainingSpec.model_validate(spec)
+
+
+@pytest.mark.parametrize("path", CEL, ids=lambda p: p.name)
+def test_cel_manifests_break_their_rule_in_cel(path: Path):
+    header, manifest = load(path)
+    message = header.removeprefix("# rule:").strip()
+    rule = next(r for r in MODEL_RULES if r.message == message)
+    spec = with_defaults(SCHEMA["properties"]["spec"], manifest["spec"])
+    if rule in TOLERATION_RULES:
+        targets = spec["tolerations"]
+    elif rule in LABEL_MAP_RULES:
+        targets = [spec["nodeSelector"], spec["serve"]["nodeSelector"]]
+    else:
+        targets = [spec]
+    assert not all(cel_program(rule.cel)(target) for target in targets)

@@ -77,3 +77,47 @@ def test_package_docstrings_say_what_they_own():
         assert doc, f"{package.name}/__init__.py has no docstring"
         if package.name != "steps":
             assert "import" in doc, f"{package.name}/__init__.py does not say what it may import"
+
+
+OPERATOR = Path(__file__).resolve().parents[2] / "operator" / "chatbot_operator"
+
+
+def operator_imports() -> dict[str, set[str]]:
+    """chatbot_operator module → the chatbot_operator modules it imports (lazy ones too)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(OPERATOR.glob("*.py")):
+        found = graph.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module == "chatbot_operator":
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("chatbot_operator."):
+                found.add(node.module.split(".")[1])
+    return graph
+
+
+def test_operator_modules_import_without_cycles():
+    graph = operator_imports()
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            raise AssertionError("import cycle: " + " → ".join(path[path.index(module):] + [module]))
+        if module in done:
+            return
+        for target in sorted(graph.get(module, ())):
+            visit(target, path + [module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_the_planner_is_built_from_observation_diagnosis_and_status():
+    """The planner's parts import one way: observe < diagnose < step_states < status_builder < planner."""
+    order = ["observe", "diagnose", "step_states", "status_builder", "planner"]
+    graph = operator_imports()
+    for rank, module in enumerate(order):
+        later = set(order[rank + 1:])
+        assert not graph[module] & later, f"{module} imports {sorted(graph[module] & later)}"
+    # pure: nothing that talks to the API server
+    assert not graph["planner"] & {"kube", "reconciler", "handlers", "live_progress_poller"}

@@ -199,6 +199,14 @@ def test_pvc_uris_are_mounted_where_they_are_needed():
     assert claims["base-models"] == {"claimName": "base-models", "readOnly": True}
 
 
+def test_a_pvc_chat_template_is_mounted_for_configure_and_train():
+    fields = dict(chatTemplate="pvc://templates/chat/mine.jinja")
+    for step in ("configure", "train"):
+        assert mounts(step, **fields)["/mnt/pvc/templates"]["readOnly"] is True
+    for step in ("prepare", "evaluate", "export"):  # evaluate and export read the saved tokenizer
+        assert "/mnt/pvc/templates" not in mounts(step, **fields)
+
+
 def test_a_claim_used_for_input_and_output_is_writable_in_export():
     fields = dict(trainingData="pvc://chat-data/support.jsonl", outputPath="pvc://chat-data/out/")
     assert mounts("prepare", **fields)["/mnt/pvc/chat-data"]["readOnly"] is True

@@ -86,7 +86,8 @@ def test_two_nodes_of_four_gpus_make_an_indexed_job_and_a_headless_service():
     env = {e["name"]: e for e in container["env"]}
     assert env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.annotations['batch.kubernetes.io/job-completion-index']")
-    assert container["ports"] == [{"name": "rendezvous", "containerPort": 29500}]
+    assert container["ports"] == [{"name": "progress", "containerPort": 8470, "protocol": "TCP"},
+                                  {"name": "rendezvous", "containerPort": 29500}]
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "support-bot-workspace"
 
     assert service["kind"] == "Service" and service["metadata"]["namespace"] == "ml"
@@ -110,7 +111,7 @@ def test_later_attempts_get_their_own_job_and_service():
 def test_names_fit_in_63_characters_and_are_dns_labels(name):
     training = {**TRAINING, "metadata": {**TRAINING["metadata"], "name": name}}
     for attempt in (1, 2, 21):
-        service, job = objects(training=training, attempt=attempt, nodes=64, gpu={"count": 8},
+        service, job = objects(training=training, attempt=attempt, nodes=64, gpu={"count": 8}, batchSize=512,
                                workspace=SHARED)
         job_name = job["metadata"]["name"]
         assert len(job_name) <= 60 and DNS_LABEL.match(job_name)
@@ -137,10 +138,24 @@ def test_a_queued_train_job_is_one_suspended_kueue_workload_without_partial_admi
 def test_world_size():
     assert multinode.world_size(spec(nodes=2, gpu={"count": 4}, workspace=SHARED)) == 8
     assert multinode.world_size(spec(gpu={"count": 0})) == 1
-    assert multinode.world_size(spec(nodes=3, gpu={"count": 0}, workspace=SHARED)) == 3
+    assert multinode.world_size(spec(nodes=3, gpu={"count": 0}, workspace=SHARED, batchSize=9)) == 3
 
 
 def test_the_two_node_objects_pass_the_kubernetes_schemas():
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     for obj in two_nodes(queueName="team-a"):
         kubernetes_validate.validate(obj, "1.33", strict=True)
+
+
+def test_the_live_progress_port_stays_beside_the_rendezvous_port():
+    """The operator reads live progress from the train pod's `progress` port on one node as on
+    several; an operator run without it gets the rendezvous port alone."""
+    one_node = objects(gpu={"count": 2})[0]["spec"]["template"]["spec"]["containers"][0]
+    _, job = two_nodes()
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert [p for p in container["ports"] if p["name"] == manifests.PROGRESS_PORT_NAME] == one_node["ports"]
+    assert {e["name"] for e in container["env"]} >= {"CHATBOT_PROGRESS_PORT"}
+    without = multinode.step_objects(TRAINING, spec(nodes=2, workspace=SHARED), "train",
+                                     OperatorConfig(trainer_image="t:1", progress_port=0))[1]
+    assert without["spec"]["template"]["spec"]["containers"][0]["ports"] == [
+        {"name": "rendezvous", "containerPort": 29500}]

@@ -20,6 +20,7 @@ from typing import Any
 
 from chatbot_api.spec import STEPS
 from chatbot_trainer.errors import StepError
+from chatbot_trainer.train.hardware import apply_cpu_threads
 from chatbot_trainer.params import (
     SEED_INPUTS,
     read_config_file,
@@ -76,6 +77,7 @@ def training_main(argv: list[str] | None = None) -> int:
     args = build_run_parser().parse_args(argv)
     if getattr(args, "handler", None):  # serve, chat
         return args.handler(args)
+    apply_cpu_threads()  # in a container with a CPU limit: that many threads
     try:
         data: dict[str, Any] = read_config_file(args.file) if args.file else {}
         file_name, data = split_name(data)
@@ -158,6 +160,7 @@ def log_progress_to_stderr() -> None:
 def trainer_main(argv: list[str] | None = None) -> int:
     args = build_step_parser().parse_args(argv)
     log_progress_to_stderr()
+    apply_cpu_threads()  # before torch starts its thread pools: the pod's CPU limit, not the node's cores
     from chatbot_trainer.steps import run_step
     from chatbot_trainer.workspace import StepContext, write_termination_message
 

@@ -66,12 +66,13 @@ DEFAULT_PVC_ROOT = "/mnt/pvc"
 MAX_REPORTED_ERRORS = 20
 MAX_REPORTED_LINES = 20  # line numbers listed per reason in the report
 _ERRORS_IN_MESSAGE = 3
+DUPLICATE_WARNING_SHARE = 0.5  # of the rows read: more duplicates than this gets a warning
 _DOWNLOAD_CHUNK = 1 << 20
 
 NOT_USED: dict[str, str] = {
     "malformed": "the line is not a JSON object (see errors for each line's problem)",
     **REASONS,
-    "duplicate": "the same conversation as an earlier row (ignoring case and spacing)",
+    "duplicate": "the same conversation as an earlier row (ignoring case, spacing and tool-call ids)",
     "too_long": "longer than maxSeqLength could ever hold (characters per token ceiling)",
 }
 """Why a row was not used, with a one-line explanation each."""
@@ -351,16 +352,51 @@ def _fold(text: str) -> str:
 _ROLE_MARKS = {"user": "\x00u ", "assistant": "\x00a ", "tool": "\x00t "}
 
 
+class _CallNumbers:
+    """Tool calls numbered by order of appearance, for comparing conversations on content.
+
+    Call ids differ between exports of the same conversation (random in OpenAI's, absent in
+    ShareGPT's), so the keys hold each call without its id and each tool result with the
+    number of the call it answers: the one its ``tool_call_id`` names, else the next call not
+    yet answered (how results without ids pair up).
+    """
+
+    def __init__(self) -> None:
+        self.numbers: dict[str, int] = {}
+        self.count = 0
+        self.unanswered: list[int] = []
+
+    def calls(self, tool_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for call in tool_calls:
+            self.count += 1
+            if "id" in call:
+                self.numbers.setdefault(call["id"], self.count)
+            self.unanswered.append(self.count)
+            out.append({k: v for k, v in call.items() if k != "id"})
+        return out
+
+    def result(self, call_id: str | None) -> int:
+        number = self.numbers.get(call_id) if call_id is not None else None
+        if number is None:
+            number = self.unanswered[0] if self.unanswered else 0
+        if number in self.unanswered:
+            self.unanswered.remove(number)
+        return number
+
+
 def _conversation_keys(
     messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
 ) -> tuple[bytes, bytes]:
-    """(dedupe key, split key). Comparison ignores case and whitespace differences.
+    """(dedupe key, split key). Comparison ignores case and whitespace differences, and
+    tool-call ids (see :class:`_CallNumbers`).
 
     The split key leaves out the system message and the tool definitions, so that changing
     them does not move conversations between train and eval.
     """
     system = ""
     body: list[str] = []
+    calls = _CallNumbers()
     for message in messages:
         role = message["role"]
         if role == "system":
@@ -369,7 +405,9 @@ def _conversation_keys(
         body.append(_ROLE_MARKS[role])
         body.append(message["content"])
         if "tool_calls" in message:
-            body.append(json.dumps(message["tool_calls"], sort_keys=True, ensure_ascii=False))
+            body.append(json.dumps(calls.calls(message["tool_calls"]), sort_keys=True, ensure_ascii=False))
+        elif role == "tool":
+            body.append(f"\x00r{calls.result(message.get('tool_call_id'))}")
     text = " ".join(_fold("".join(body)).split())
     split_key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
     if tools:
@@ -535,8 +573,10 @@ def _prepare(
         conversation: dict[str, Any] = {"line": line, "messages": messages}
         if tools:
             conversation["tools"] = tools
-        if conversion.uses_tools:
-            tool_rows.add("tools", line)
+        if conversion.has_tool_turns:
+            tool_rows.add("calls", line)
+        elif conversion.tools:
+            tool_rows.add("define_only", line)
         kept.append((conversation, split_key))
         kept_chars.append(chars)
 
@@ -547,9 +587,7 @@ def _prepare(
     if lines_read == 0:
         raise DataError(f"training data {source} holds no records")
     if bad / lines_read > max_bad_line_fraction:
-        first = "; ".join(
-            f"{unit} {line}: {message}" for line, _, message in errors[:_ERRORS_IN_MESSAGE]
-        )
+        first = _grouped_errors(errors, unit)
         raise DataError(
             f"{bad} of {lines_read} {unit}s ({_pct(bad / lines_read)}) are malformed or "
             f"unusable, above the {_pct(max_bad_line_fraction)} limit (data.maxBadLineFraction); "
@@ -560,6 +598,16 @@ def _prepare(
         raise DataError(
             f"no usable conversations in {source}: {lines_read} {unit}s read, all dropped "
             f"({reasons})"
+        )
+
+    warnings: list[str] = []
+    duplicates = not_used.counts.get("duplicate", 0)
+    if duplicates / lines_read > DUPLICATE_WARNING_SHARE:
+        warnings.append(
+            f"{duplicates} of {lines_read} {unit}s ({_pct(duplicates / lines_read)}) repeat an earlier "
+            f"conversation (more than {_pct(DUPLICATE_WARNING_SHARE)}), so only {len(kept)} distinct "
+            "conversations are trained on: check that the file was not written twice or generated "
+            "from a few templates"
         )
 
     train_idx, eval_idx = _split([key for _, key in kept], eval_fraction, seed)
@@ -589,15 +637,18 @@ def _prepare(
                 {**ADJUSTMENTS, "system_prompt_added": "data.systemPrompt was added (no system message)"}
             ),
         },
-        "tools": {
-            "conversations": tool_rows.counts.get("tools", 0),
-            "lines": tool_rows.lines.get("tools", []),
+        "tools": {  # conversations that call tools (or hold tool results); those that only define them
+            "conversations": tool_rows.counts.get("calls", 0),
+            "lines": tool_rows.lines.get("calls", []),
+            "define_only": tool_rows.counts.get("define_only", 0),
+            "define_only_lines": tool_rows.lines.get("define_only", []),
         },
         "system_prompts": {
             "own": own_system,
             "added": adjusted.counts.get("system_prompt_added", 0),
             "none": len(kept) - own_system - adjusted.counts.get("system_prompt_added", 0),
         },
+        "warnings": warnings,
         "kept": len(kept),
         "train": len(train),
         "eval": len(evals),
@@ -615,8 +666,26 @@ def _prepare(
     return PreparedData(train=train, eval=evals, report=report)
 
 
+def _grouped_errors(errors: list[tuple[int, str, str]], unit: str, groups: int = _ERRORS_IN_MESSAGE,
+                    shown: int = 5) -> str:
+    """The first few distinct error messages, each with the lines that have it:
+    "lines 3, 7, 9, …: Expecting ',' delimiter at column 30; line 12: ..."."""
+    by_message: dict[str, list[int]] = {}
+    for line, _, message in errors:
+        by_message.setdefault(message, []).append(line)
+    parts = []
+    for message, lines in list(by_message.items())[:groups]:
+        more = f", … ({len(lines)} {unit}s)" if len(lines) > shown else ""
+        plural = "s" if len(lines) > 1 else ""
+        parts.append(f"{unit}{plural} {', '.join(map(str, lines[:shown]))}{more}: {message}")
+    if len(by_message) > groups:
+        parts.append(f"{len(by_message) - groups} other kinds of error (see the report's errors)")
+    return "; ".join(parts)
+
+
 def report_summary(report: dict[str, Any], lines_per_reason: int = 5) -> dict[str, Any]:
-    """The compact part of a data report for status: counts and the first lines per reason."""
+    """The compact part of a data report for status: counts and the first lines per reason
+    (``first_lines``, whatever the source numbers: ``unit`` says so when it is not lines)."""
     rows = report.get("rows", {})
     first_lines = {
         reason: entry["lines"][:lines_per_reason]
@@ -631,10 +700,17 @@ def report_summary(report: dict[str, Any], lines_per_reason: int = 5) -> dict[st
     }
     if report.get("flagged"):
         summary["flagged"] = report["flagged"]
+    if report.get("warnings"):
+        summary["warnings"] = report["warnings"]
     if first_lines:
-        summary["first_" + report.get("unit", "line") + "s"] = first_lines
-    if report.get("tools", {}).get("conversations"):
-        summary["tool_conversations"] = report["tools"]["conversations"]
+        summary["first_lines"] = first_lines  # line, record or row numbers: see unit
+        if report.get("unit", "line") != "line":
+            summary["unit"] = report["unit"]
+    tools = report.get("tools", {})
+    if tools.get("conversations"):
+        summary["tool_conversations"] = tools["conversations"]
+    if tools.get("define_only"):
+        summary["tool_definitions_only"] = tools["define_only"]
     return summary
 
 

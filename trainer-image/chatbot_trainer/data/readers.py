@@ -111,6 +111,11 @@ def read_source(source: str | os.PathLike[str]) -> SourceRecords:
     if path.is_dir():
         return _read_saved_dataset(path)
     data = _read_bytes(path)
+    if data[:4] == b"GGUF":
+        raise DataError(
+            f"training data {path} is a GGUF model file, not chat data: give a model as modelType; "
+            "trainingData takes a JSONL, JSON, parquet or Arrow file of conversations"
+        )
     if data[:4] == b"PAR1":
         return _read_parquet(path)
     if path.suffix.lower() == ".arrow" or data[:6] == b"ARROW1":
@@ -202,8 +207,8 @@ def _as_utf8(path: Path, data: bytes) -> tuple[bytes, list[str]]:
         wide = _wide_encoding(sample)
         if wide is None:
             raise DataError(
-                f"training data {path} is not a text file (it holds zero bytes); give a JSONL, "
-                "JSON, parquet or Arrow file"
+                f"training data {path} is not a text file: it holds NUL bytes (0x00), as binary "
+                "files (models, archives, images) do; give a JSONL, JSON, parquet or Arrow file"
             )
         found = (*wide, 0)
         how = "without a byte-order mark"
@@ -317,7 +322,10 @@ def _read_jsonl(path: Path, data: bytes) -> SourceRecords:
         try:
             value = loads(line)
         except json.JSONDecodeError as exc:
-            errors.append(LineError(number, json_error(exc), "invalid_json"))
+            message = json_error(exc)
+            if line.strip() in _OPENERS:
+                message += f" (a line holding only {line.strip()!r}: {PRETTY_HINT})"
+            errors.append(LineError(number, message, "invalid_json"))
             continue
         except RecursionError:
             errors.append(LineError(number, "JSON nested too deeply", "invalid_json"))
@@ -335,10 +343,37 @@ def _read_jsonl(path: Path, data: bytes) -> SourceRecords:
     return SourceRecords(records, errors)
 
 
+_OPENERS = ("{", "[")
+PRETTY_HINT = (
+    "JSON objects spread over several lines (pretty-printed JSON?); JSONL needs each "
+    "conversation on one line: convert with jq -c '.' in.json > out.jsonl (or jq -c '.[]' for "
+    "an array), or give the file as one JSON array"
+)
+
+
+def _looks_pretty_printed(data: bytes) -> bool:
+    """Whether the text is JSON values written over several lines each (indented objects one
+    after another, as json.dump(indent=2) or jq without -c writes them)."""
+    first = _first_line(data).strip()
+    if first in _OPENERS:
+        return True
+    if not first.startswith("{"):
+        return False
+    try:
+        text = data[:1 << 20].decode("utf-8")
+        value, end = json.JSONDecoder().raw_decode(text, len(text) - len(text.lstrip()))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(value, dict) and "\n" in text[:end].strip()
+
+
 def _explain_unreadable(path: Path, data: bytes, errors: list[LineError], not_utf8: int) -> None:
-    """One clear error for files that are not JSONL at all (CSV, another text encoding)."""
+    """One clear error for files that are not JSONL at all (CSV, pretty-printed JSON, another
+    text encoding)."""
     if errors[0].reason == "invalid_json" and _looks_like_csv(_first_line(data)):
         raise DataError(f"training data {path}: {CSV_MESSAGE}")
+    if errors[0].reason == "invalid_json" and _looks_pretty_printed(data):
+        raise DataError(f"training data {path} looks like pretty-printed JSON: {PRETTY_HINT}")
     if not_utf8 * 2 >= len(errors):
         first = next(e for e in errors if e.reason == "invalid_utf8")
         raise DataError(
@@ -352,19 +387,81 @@ def _explain_unreadable(path: Path, data: bytes, errors: list[LineError], not_ut
 
 
 def _rows(batches: Iterable[Any], start: int = 1) -> tuple[list[RawRecord], list[LineError]]:
-    """Arrow record batches → records numbered as rows; null columns are left out."""
+    """Arrow record batches → records numbered as rows; null columns are left out.
+
+    Nested columns are read as the JSON they came from, not as Arrow's unified schema: a
+    struct column holds every key that any row has (a table of tool definitions gives each
+    tool the properties of all the others, as nulls), so null struct fields are left out, at
+    every depth; Arrow stores a missing key and a null the same way there. Nulls that Arrow
+    keeps apart from missing keys stay: list elements and map values. JSON columns (the
+    ``arrow.json`` type that ``datasets``' ``Json`` feature writes) are parsed per row,
+    without any unification, so their nulls all stay.
+    """
     records: list[RawRecord] = []
     errors: list[LineError] = []
     number = start - 1
     with gc_paused():
         for batch in batches:
+            readers = {field.name: _value_reader(field.type) for field in batch.schema}
             for row in batch.to_pylist():
                 number += 1
                 if isinstance(row, dict):
-                    records.append(RawRecord(number, {k: v for k, v in row.items() if v is not None}, "row"))
+                    data = {}
+                    for key, value in row.items():
+                        if value is None:
+                            continue
+                        read = readers.get(key)
+                        data[key] = value if read is None else read(value)
+                    records.append(RawRecord(number, data, "row"))
                 else:
                     errors.append(LineError(number, "expected a row of columns", "not_an_object", "row"))
     return records, errors
+
+
+def _value_reader(arrow_type: Any) -> Any:
+    """A function turning a value of this Arrow type into plain JSON, or None where
+    ``to_pylist``'s value already is (no struct or JSON type inside)."""
+    import pyarrow as pa
+
+    extension = getattr(arrow_type, "extension_name", None)
+    if extension == "arrow.json":
+        return _parse_json_value
+    if extension is not None and hasattr(arrow_type, "storage_type"):
+        return _value_reader(arrow_type.storage_type)
+    if pa.types.is_struct(arrow_type):
+        fields = [(arrow_type.field(i).name, _value_reader(arrow_type.field(i).type))
+                  for i in range(arrow_type.num_fields)]
+
+        def read_struct(value: dict[str, Any]) -> dict[str, Any]:
+            out = {}
+            for name, read in fields:
+                item = value.get(name)
+                if item is not None:
+                    out[name] = item if read is None else read(item)
+            return out
+
+        return read_struct
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type) \
+            or pa.types.is_list_view(arrow_type) or pa.types.is_large_list_view(arrow_type):
+        read_item = _value_reader(arrow_type.value_type)
+        if read_item is None:
+            return None
+        return lambda value: [None if item is None else read_item(item) for item in value]
+    if pa.types.is_map(arrow_type):
+        read_item = _value_reader(arrow_type.item_type)
+        return lambda value: {
+            key: item if item is None or read_item is None else read_item(item) for key, item in value
+        }
+    return None
+
+
+def _parse_json_value(value: Any) -> Any:
+    if not isinstance(value, (str, bytes)):
+        return value
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, RecursionError):
+        return value  # left as text: the format checks say what is wrong with it
 
 
 def _pyarrow(path: Path, what: str):

@@ -32,6 +32,7 @@ from chatbot_trainer.data.chat_templates import (
     CHATML_TEMPLATE,
     IM_END,
     IM_START,
+    TEMPLATE_VARIABLES,
     tool_support_gap,
 )
 from chatbot_trainer.data.formats import uses_tools
@@ -58,7 +59,7 @@ def has_generation_markers(tokenizer) -> bool:
 
 def _template_kwargs(tokenizer) -> dict[str, Any]:
     # apply_chat_template passes the special tokens (bos_token, eos_token, …) to the template.
-    return dict(tokenizer.special_tokens_map)
+    return {**tokenizer.special_tokens_map, **TEMPLATE_VARIABLES}
 
 
 def _render_marked(tokenizer, messages: list[dict[str, Any]], tools=None) -> tuple[str, list[Span]]:
@@ -111,7 +112,7 @@ def _renderer(tokenizer):
 
 def _render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool, tools=None) -> str:
     return tokenizer.apply_chat_template(
-        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **TEMPLATE_VARIABLES
     )
 
 

@@ -122,7 +122,7 @@ def write_gguf(
     quantization: str = "f16",
     *,
     name: str | None = None,
-    base_model: str | None = None,
+    base_model: str | dict[str, str] | None = None,
     finetune: str | None = "lora-chat",
     description: str | None = None,
 ) -> GGUFFile:
@@ -648,14 +648,22 @@ def _write_metadata(writer, arch, hparams, quantization, name, base_model, finet
     writer.add_basename(name)
     if finetune:
         writer.add_finetune(finetune)
-    if base_model:
+    base = base_model_metadata(base_model)
+    if base:
         writer.add_base_model_count(1)
-        writer.add_base_model_name(0, base_model)
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", base_model):
-            writer.add_base_model_repo_url(0, f"https://huggingface.co/{base_model}")
-    writer.add_description(
-        description or f"{name}: LoRA chat fine-tune of {base_model or 'an unnamed base model'}, merged and exported as {quantization}"
-    )
+        writer.add_base_model_name(0, base["name"])
+        if base.get("repo_id"):
+            organization = base["repo_id"].split("/")[0]
+            writer.add_base_model_organization(0, organization)
+            writer.add_base_model_repo_url(0, f"https://huggingface.co/{base['repo_id']}")
+        if base.get("version"):
+            writer.add_base_model_version(0, base["version"])
+    if not description:
+        of = base["name"] if base else "an unnamed base model"
+        if base and base.get("quantization"):
+            of += f" (from its {base['quantization']} GGUF)"
+        description = f"{name}: LoRA chat fine-tune of {of}, merged and exported as {quantization}"
+    writer.add_description(description)
     writer.add_context_length(hparams["context_length"])
     writer.add_embedding_length(hparams["embedding_length"])
     writer.add_feed_forward_length(hparams["feed_forward_length"])
@@ -684,6 +692,20 @@ def _write_metadata(writer, arch, hparams, quantization, name, base_model, finet
     }[quantization]
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def base_model_metadata(base_model: str | dict[str, str] | None) -> dict[str, str] | None:
+    """``{"name", "repo_id"?, "version"?, "quantization"?}`` from a base model's identity
+    (model.base_models.BaseModelChoice.identity) or a bare name; a name that is a hub repo id
+    counts as one."""
+    if not base_model:
+        return None
+    base = {"name": base_model} if isinstance(base_model, str) else {k: v for k, v in base_model.items() if v}
+    if not base.get("name"):
+        return None
+    if "repo_id" not in base and re.fullmatch(r"[\w.-]+/[\w.-]+", base["name"]):
+        base["repo_id"] = base["name"]
+    return base
 
 
 def apply_default_mode(path: Path) -> None:

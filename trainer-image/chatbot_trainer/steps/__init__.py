@@ -19,6 +19,7 @@ from typing import Any
 from chatbot_api.spec import STEPS
 from chatbot_trainer.errors import OutOfMemory, StepError
 from chatbot_trainer.train.distributed import is_main_process
+from chatbot_trainer.train.hardware import cpu_threads_in_effect
 from chatbot_trainer.workspace import (
     TERMINATION_LOG_DEFAULT,
     StepContext,
@@ -78,7 +79,8 @@ def run_step(step: str, ctx: StepContext, termination_log: str | None = None) ->
             {"step": step, "ok": False, "reason": "StepFailed", "message": f"{type(exc).__name__}: {exc}"},
         )
         raise
-    result = {"step": step, **result, "seconds": round(time.time() - started, 3)}
+    result = {"step": step, **result, "seconds": round(time.time() - started, 3),
+              "cpu_threads": cpu_threads_in_effect()}
     if not is_main_process():  # one of several training processes: rank 0 reports
         return result
     log.info("%s: done in %.1f s: %s", step, result["seconds"],

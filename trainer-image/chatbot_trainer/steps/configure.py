@@ -78,8 +78,9 @@ def _check_chat_template(base_path: str, label: str, data_report: dict[str, Any]
     from chatbot_trainer.data.chat_templates import check_chat_template
     from chatbot_trainer.model.loading import load_tokenizer_with_template
 
-    tokenizer, _ = load_tokenizer_with_template(base_path)
-    return check_chat_template(tokenizer, label, data_report, params.data.max_bad_line_fraction)
+    tokenizer, _ = load_tokenizer_with_template(base_path, params.chat_template, label)
+    return check_chat_template(tokenizer, label, data_report, params.data.max_bad_line_fraction,
+                               chat_template=params.chat_template)
 
 
 def run(ctx: StepContext) -> dict[str, Any]:

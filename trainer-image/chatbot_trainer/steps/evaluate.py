@@ -131,11 +131,14 @@ def run(ctx: StepContext) -> dict[str, Any]:
         with serving(board):
             metrics = evaluate_model(model, examples, **settings,
                                      on_batch=lambda done, total: board.update(done, 2 * total))
+            board.pause("sample answers of the fine-tuned model")
             fine_tuned_answers = generate_answers(model, tokenizer, questions)
             del model
+            board.pause("loading the base model")
             base_model = load_base_model(trained, device=device, dtype=dtype)
             base_metrics = evaluate_model(base_model, examples, **settings,
                                           on_batch=lambda done, total: board.update(total + done, 2 * total))
+            board.pause("sample answers of the base model")
             base_answers = generate_answers(base_model, tokenizer, questions)
             del base_model
     except ValueError as exc:  # e.g. a model that cannot keep packed examples apart

@@ -31,6 +31,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     trained = ctx.read_result("train")
     configured = ctx.read_result("configure")
     base_label = (configured.get("base_model") or {}).get("label") or trained.get("base_model_path_for_adapter")
+    base_identity = _base_identity(configured.get("base_model") or {}, base_label)
     name = ctx.params.export.name or ctx.name
     quantizations = list(dict.fromkeys(ctx.params.export.quantizations))
     export_dir = ctx.step_dir("export")
@@ -45,7 +46,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     _remove_stale_merges(export_dir)
     merge_note = merge_adapter(trained, merged_dir)
 
-    files, written = _write_files(merged_dir, out_dir, name, base_label, quantizations)
+    files, written, warnings = _write_files(merged_dir, out_dir, name, base_identity, quantizations)
 
     modelfile_path = out_dir / "Modelfile"
     modelfile_info = _write_modelfile(
@@ -66,7 +67,9 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "modelfile_system": modelfile_info,
         "loss_curve": loss_curve,
         "gguf_samples": served,
+        "warnings": warnings,
         "summary": {
+            **({"warnings": warnings} if warnings else {}),
             "model": {
                 "path": first["path"],
                 "format": "gguf",
@@ -82,9 +85,22 @@ def run(ctx: StepContext) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- GGUF files
 
 
-def _write_files(merged_dir: Path, out_dir: Path, name: str, base_label: str, quantizations: list[str]):
+def _base_identity(choice: dict[str, Any], label: str | None) -> dict[str, str] | None:
+    """The base model's name and repo id for the GGUF metadata, without local paths (the
+    label, for results, says where it came from and why)."""
+    from chatbot_trainer.model.base_models import BaseModelChoice
+
+    try:
+        return BaseModelChoice.from_dict(choice).identity()
+    except (TypeError, ValueError, AttributeError):  # a configure result without the choice
+        return {"name": Path(label).name} if label else None
+
+
+def _write_files(merged_dir: Path, out_dir: Path, name: str, base_model: dict[str, str] | None,
+                 quantizations: list[str]):
     """Every requested file, in the requested order; K-quants are made from an F16 file (the
-    requested one, or a temporary one removed afterwards)."""
+    requested one, or a temporary one removed afterwards). Returns the files' entries, what
+    gguf_writer wrote, and warnings (K-quants a model's row sizes defeat)."""
     from chatbot_trainer.export import gguf_writer, llama_quantize
 
     k_quants = [q for q in quantizations if q in llama_quantize.K_QUANTS]
@@ -96,11 +112,12 @@ def _write_files(merged_dir: Path, out_dir: Path, name: str, base_label: str, qu
     vocab_size = int(gguf_writer.load_config(merged_dir).get("vocab_size") or 0) or None
     by_quant: dict[str, dict[str, Any]] = {}
     infos: dict[str, Any] = {}
+    warnings: list[str] = []
     for quant in direct:
         keep = quant in quantizations
         target = out_dir / (f"{name}.{quant}.gguf" if keep else f".{name}.f16-source.gguf")
         started = time.perf_counter()
-        info = _write_direct(merged_dir, target, quant, name, base_label)
+        info = _write_direct(merged_dir, target, quant, name, base_model)
         seconds = round(time.perf_counter() - started, 2)
         checked = gguf_writer.verify_gguf(info.path, arch=info.arch, tensor_count=info.tensor_count,
                                           vocab_size=vocab_size)
@@ -118,19 +135,22 @@ def _write_files(merged_dir: Path, out_dir: Path, name: str, base_label: str, qu
         checked = gguf_writer.verify_gguf(target, arch=source.arch, tensor_count=source.tensor_count,
                                           vocab_size=vocab_size)
         note = llama_quantize.fallback_note(quant, checked["tensor_types"])
+        small = llama_quantize.small_model_warning(target, quant)
+        if small:
+            warnings.append(small)
         by_quant[quant] = _file_entry(target, quant, checked["tensor_types"], [], source.tokenizer_pre,
                                       [note] if note else [], round(time.perf_counter() - started, 2))
     if source is not None and "f16" not in quantizations:
         Path(source.path).unlink(missing_ok=True)
     files = [by_quant[q] for q in quantizations]
-    return files, [infos[q] for q in direct if q in infos]
+    return files, [infos[q] for q in direct if q in infos], warnings
 
 
-def _write_direct(merged_dir: Path, target: Path, quant: str, name: str, base_label: str):
+def _write_direct(merged_dir: Path, target: Path, quant: str, name: str, base_model: dict[str, str] | None):
     from chatbot_trainer.export import gguf_writer
 
     try:
-        return gguf_writer.write_gguf(merged_dir, target, quant, name=name, base_model=base_label, finetune="lora-chat")
+        return gguf_writer.write_gguf(merged_dir, target, quant, name=name, base_model=base_model, finetune="lora-chat")
     except StepError:
         raise
     except OSError as exc:

@@ -16,10 +16,16 @@ on 512-token micro-batches as on larger ones, and peak memory falls with the mic
 bounded by what fits in the memory this process may use (the cgroup limit or MemAvailable,
 shared by the training processes of the node), estimated from the model's shape, so a local run
 fits the machine it runs on.
+
+CPU threads: a step sizes its thread pools by its container's CPU quota (a pod's CPU limit),
+not by the node's cores (`apply_cpu_threads`, at process start, before torch is imported).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +75,119 @@ def available_memory() -> int | None:
     except (OSError, ValueError):
         pass
     return min(found) if found else None
+
+
+# ---------------------------------------------------------------------------- CPU threads
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Thread pools sized at start-up from these: OpenMP (torch's intra-op threads), OpenBLAS and
+# MKL, the tokenizers' Rayon pool (both names: older Rayon reads RAYON_RS_NUM_CPUS).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS")
+
+
+def _cgroup_quota(root: Path) -> tuple[float, str] | None:
+    """CPUs of the container's CFS quota (cgroup v2 cpu.max, else v1), or None without one."""
+    try:
+        fields = (root / "cpu.max").read_text().split()
+    except OSError:
+        fields = []
+    if fields:
+        if fields[0] == "max":
+            return None
+        try:
+            quota, period = int(fields[0]), int(fields[1]) if len(fields) > 1 else 100000
+        except ValueError:
+            return None
+        if quota > 0 and period > 0:
+            return quota / period, f"cgroup v2 cpu.max {quota} {period}"
+        return None
+    for folder in ("cpu", "cpu,cpuacct", "cpuacct,cpu", "."):
+        try:
+            quota = int((root / folder / "cpu.cfs_quota_us").read_text())
+            period = int((root / folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        if quota > 0 and period > 0:
+            return quota / period, f"cgroup v1 cpu.cfs_quota_us {quota} / cpu.cfs_period_us {period}"
+        return None
+    return None
+
+
+def _affinity() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_quota_threads(cgroup_root: str | os.PathLike[str] = CGROUP_ROOT,
+                      affinity: int | None = None) -> dict[str, Any]:
+    """Threads this container's CPU share supports: its CFS quota (a pod's CPU limit) rounded
+    down, at least 1, at most the CPUs it may run on (``os.sched_getaffinity``).
+
+    ``{"threads", "cpus_allowed", "quota_cpus" (None without a quota), "source"}``. Without a
+    quota the thread pools keep their own defaults (torch: the physical cores), so
+    ``limited`` says whether the quota is what bounds the threads.
+    """
+    allowed = affinity if affinity is not None else _affinity()
+    found = _cgroup_quota(Path(cgroup_root))
+    if found is None:
+        return {"threads": allowed, "cpus_allowed": allowed, "quota_cpus": None, "limited": False,
+                "source": f"no CPU quota; {allowed} CPUs in the affinity mask"}
+    cpus, source = found
+    threads = max(1, min(allowed, int(cpus)))
+    return {"threads": threads, "cpus_allowed": allowed, "quota_cpus": round(cpus, 3),
+            "limited": threads < allowed, "source": source}
+
+
+def apply_cpu_threads(environ: MutableMapping[str, str] | None = None,
+                      cgroup_root: str | os.PathLike[str] = CGROUP_ROOT,
+                      affinity: int | None = None) -> dict[str, Any]:
+    """Size the CPU thread pools by the container's CPU quota, before torch starts them.
+
+    An explicit ``OMP_NUM_THREADS`` wins and sizes the other pools too; otherwise, where a
+    quota bounds the threads, every variable of :data:`THREAD_VARIABLES` that is not set gets
+    the quota's figure (a pod asking for 4 CPUs on a 64-core node runs 4 threads, not 64
+    contending for 4 CPUs' time). Where torch is already imported its intra-op pool is resized.
+    Returns what it decided (the ``cpu_threads`` of every step result).
+    """
+    global _applied
+    environ = os.environ if environ is None else environ
+    info = cpu_quota_threads(cgroup_root, affinity)
+    if environ is os.environ:
+        _applied = info
+    explicit = (environ.get("OMP_NUM_THREADS") or "").strip()
+    if explicit.isdigit() and int(explicit) > 0:
+        threads, info["decided_by"] = int(explicit), "OMP_NUM_THREADS"
+    elif info["limited"]:
+        threads, info["decided_by"] = info["threads"], "cpu quota"
+    else:
+        info["decided_by"] = "defaults"
+        return info
+    info["threads"] = threads
+    info["set"] = {}
+    for name in THREAD_VARIABLES:
+        if not (environ.get(name) or "").strip():
+            environ[name] = str(threads)
+            info["set"][name] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None and environ is os.environ and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return info
+
+
+_applied: dict[str, Any] | None = None  # what apply_cpu_threads decided in this process
+
+
+def cpu_threads_in_effect() -> dict[str, Any]:
+    """The CPU thread decision of this process (apply_cpu_threads', or the quota's figure when
+    it was not applied) with torch's intra-op threads where torch is loaded."""
+    info = dict(_applied) if _applied is not None else {**cpu_quota_threads(), "decided_by": "not applied"}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+    return info
 
 
 def detect() -> dict[str, Any]:

@@ -1,5 +1,7 @@
-"""What the train loop reports once per logged window, besides train/metrics.jsonl.
+"""What the train loop reports once per logged window.
 
+- ``train/metrics.jsonl``: one JSON line per window (``MetricsLog``), checked for a loss or
+  gradient norm that is no longer finite (``check_finite``: the run stops as diverged);
 - the live progress board (step, total, percent, remaining time, loss, tokens/s, learning
   rate), served to the operator by `progress_server` while the step runs;
 - TensorBoard event files in ``<workspace>/train/tensorboard/`` (tensorboardX): ``train/loss``,
@@ -7,16 +9,20 @@
   ``eval/loss``, ``eval/accuracy``, ``eval/perplexity`` from the evaluate step (the base
   model at step 0, the fine-tuned one at the last step).
 
-Reporting never stops a training: a writer that fails is logged once and dropped.
+Reporting never stops a training (a writer that fails is logged once and dropped); only a
+loss that diverged does.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from chatbot_trainer.errors import TrainingDiverged
 from chatbot_trainer.train.progress_server import ProgressBoard, start_server
 
 log = logging.getLogger("chatbot_trainer.train")
@@ -112,3 +118,42 @@ def record_evaluation(workspace: Path, training_steps: int, metrics: Mapping[str
         scalars.add(0, {tag: base_metrics.get(key) for tag, key in EVAL_TAGS.items()})
     scalars.add(training_steps, {tag: metrics.get(key) for tag, key in EVAL_TAGS.items()})
     scalars.close()
+
+
+class MetricsLog:
+    """train/metrics.jsonl: one JSON line per logged step (lines past a resumed step dropped)."""
+
+    def __init__(self, path: Path, resume_step: int, write: bool = True):
+        self.path = path
+        self.writes = write
+        kept: list[str] = []
+        if resume_step and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue
+        if write:
+            path.write_text("".join(line + "\n" for line in kept))
+        self.records = [json.loads(line) for line in kept]
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if not self.writes:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def check_finite(step: int, loss: float, grad_norm: float, records: list[dict[str, Any]], params) -> None:
+    """Stop with TrainingDiverged when the loss or the gradient norm is NaN or infinite."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    last = next((r for r in reversed(records) if math.isfinite(r.get("loss", math.nan))), None)
+    before = f" (last finite loss {last['loss']:.4g} at step {last['step']})" if last else ""
+    raise TrainingDiverged(
+        f"training diverged: the {what} is {loss if what == 'loss' else grad_norm} by step {step}{before}; "
+        f"lower learningRate (now {params.learning_rate:g}), raise warmupSteps or lower maxGradNorm"
+    )

@@ -8,6 +8,9 @@ steps, evaluate reports batches:
      "eta_seconds": 734.2, "loss": 1.2345, "tokens_per_second": 512.3,
      "learning_rate": 0.0001, "updated": "2026-01-01T12:00:00Z"}
 
+and, between units, ``"phase"`` says what runs instead (``"sample answers of the fine-tuned
+model"``); the remaining time then holds still.
+
 ``CHATBOT_PROGRESS_PORT`` names the port (the Job sets 8470); unset, empty or 0: no server
 (a local run opens no port). Reporting never gets in the way of the work: a port that cannot
 be bound is logged and skipped, a request never reaches the training thread, and anything
@@ -52,13 +55,22 @@ def _iso(seconds: float) -> str:
 
 class ProgressBoard:
     """The latest report of one step. `update` is called by the work, `snapshot` by the
-    server's thread; the remaining time is estimated from the rate since the board's first
-    update (a resumed run counts from where it resumed)."""
+    server's thread.
+
+    The remaining time is the units left times the time a unit takes, measured since the
+    board's first update (a resumed run counts from where it resumed) and counted down to the
+    request between updates, but never below the time of the units not yet started. Work
+    between units (the evaluate step's sample answers, loading the base model) is announced
+    with `pause(phase)`: the estimate then stops counting down, the report names the phase,
+    and the rate is measured afresh once units come again, so the pause does not skew it.
+    """
 
     def __init__(self, step: str, unit: str, total: int = 0) -> None:
         self._lock = threading.Lock()
         self._fields: dict[str, Any] = {"step": step, "unit": unit, "completed": 0, "total": int(total)}
-        self._first: tuple[float, int] | None = None  # (monotonic time, completed) of the first update
+        self._first: tuple[float, int] | None = None  # (monotonic time, completed) the rate counts from
+        self._unit_seconds: float | None = None  # the latest measured time per unit
+        self._paused = False
         self._eta: float | None = None
         self._updated_monotonic: float | None = None
         self._updated: str | None = None
@@ -69,31 +81,52 @@ class ProgressBoard:
         with self._lock:
             if total is not None:
                 self._fields["total"] = int(total)
-            if self._first is None:
+            if self._first is None or self._paused:
                 self._first = (now, int(completed))
+                self._paused = False
+                self._fields.pop("phase", None)
             self._fields["completed"] = int(completed)
             self._fields.update({k: v for k, v in values.items() if v is not None})
             self._eta = self._estimate(now, int(completed))
             self._updated_monotonic = now
             self._updated = _iso(time.time())
 
+    def pause(self, phase: str) -> None:
+        """Work that is not a unit starts (named by `phase`): hold the estimate until the next
+        update."""
+        with self._lock:
+            self._paused = True
+            self._fields["phase"] = phase
+            if self._eta is not None and self._updated_monotonic is not None:
+                self._eta = max(self._eta - (time.monotonic() - self._updated_monotonic), self._floor())
+            self._updated = _iso(time.time())
+
     def _estimate(self, now: float, completed: int) -> float | None:
         total = self._fields["total"]
+        if total > 0 and completed >= total:
+            return 0.0
         first_time, first_done = self._first or (now, completed)
         done_here = completed - first_done
-        if total <= 0 or done_here <= 0 or now <= first_time:
-            return 0.0 if total > 0 and completed >= total else None
-        return max(0.0, (total - completed) * (now - first_time) / done_here)
+        if done_here > 0 and now > first_time:
+            self._unit_seconds = (now - first_time) / done_here
+        if total <= 0 or self._unit_seconds is None:
+            return None
+        return (total - completed) * self._unit_seconds
+
+    def _floor(self) -> float:
+        """The time of the units not started yet (all but the one under way)."""
+        left = self._fields["total"] - self._fields["completed"] - 1
+        return left * self._unit_seconds if left > 0 and self._unit_seconds else 0.0
 
     def snapshot(self) -> dict[str, Any]:
         """The report as served: percent, and the remaining time counted down to now."""
         with self._lock:
             report = dict(self._fields)
             eta, updated_at, updated = self._eta, self._updated_monotonic, self._updated
+            if eta is not None and updated_at is not None and not self._paused:
+                eta = max(self._floor(), eta - (time.monotonic() - updated_at))
         total = report["total"]
         report["percent"] = round(100.0 * min(report["completed"], total) / total, 1) if total > 0 else None
-        if eta is not None and updated_at is not None:
-            eta = max(0.0, eta - (time.monotonic() - updated_at))
         report["eta_seconds"] = None if eta is None else round(eta, 1)
         report["updated"] = updated
         return report

@@ -8,7 +8,9 @@ import pytest
 
 from chatbot_api.spec import STEPS, ChatbotTrainingSpec
 from chatbot_api.status import ChatbotTrainingStatus
-from chatbot_operator import manifests, progress
+from chatbot_operator import manifests, planner, status_builder
+from chatbot_operator.diagnose import condition_reason
+from chatbot_operator.observe import format_duration
 from chatbot_operator.settings import OperatorConfig
 
 NOW = "2026-01-01T12:00:00Z"
@@ -73,14 +75,14 @@ def failed(body: dict, step: str, *, reason: str, terminated: dict | None = None
     return job, pods
 
 
-def plan(body: dict, jobs: list, pods: list, config: OperatorConfig = CONFIG) -> progress.Plan:
-    result = progress.plan(body, jobs, pods, now=NOW, config=config)
+def plan(body: dict, jobs: list, pods: list, config: OperatorConfig = CONFIG) -> planner.Plan:
+    result = planner.plan(body, jobs, pods, now=NOW, config=config)
     ChatbotTrainingStatus.model_validate(result.status)  # the CRD's status schema accepts it
     return result
 
 
-def plan_with_events(body: dict, jobs: list, pods: list, events: list) -> progress.Plan:
-    result = progress.plan(body, jobs, pods, now=NOW, config=CONFIG, events=events)
+def plan_with_events(body: dict, jobs: list, pods: list, events: list) -> planner.Plan:
+    result = planner.plan(body, jobs, pods, now=NOW, config=CONFIG, events=events)
     ChatbotTrainingStatus.model_validate(result.status)
     return result
 
@@ -158,7 +160,7 @@ def test_a_recorded_success_survives_deleted_jobs_and_pods():
     assert again.create_step is None
     assert again.status["phase"] == "Succeeded"
     assert again.status["steps"]["export"]["summary"] == {"n": 4}
-    assert progress.status_patch(first, again.status) == {}
+    assert status_builder.status_patch(first, again.status) == {}
 
 
 def test_a_finished_run_never_starts_new_work():
@@ -334,7 +336,7 @@ def test_a_missing_claim_is_explained_by_the_field_that_names_it():
 def test_a_job_without_pods_is_explained_by_its_failed_create_events():
     body = training(spec={"trainingData": "/d", "serviceAccountName": "s3-reader"})
     prepare = job_for(body, "prepare")
-    first = progress.plan(body, [prepare], [], now=NOW, config=CONFIG)
+    first = planner.plan(body, [prepare], [], now=NOW, config=CONFIG)
     assert first.events_of_job is prepare  # the reconciler reads the Job's Events
     assert first.status["reason"] == "StepPending"
     event = {"reason": "FailedCreate", "type": "Warning",
@@ -352,7 +354,7 @@ def test_a_job_without_pods_is_explained_by_its_failed_create_events():
     # Once the pod exists, the Events are history.
     running = pod_for(prepare, phase="Running", state={"running": {}})
     assert plan_with_events(body, [prepare], [running], [event]).status["reason"] == "StepRunning"
-    assert progress.plan(body, [prepare], [running], now=NOW, config=CONFIG).events_of_job is None
+    assert planner.plan(body, [prepare], [running], now=NOW, config=CONFIG).events_of_job is None
 
 
 def test_failure_target_alone_is_not_final_and_counts_are_the_pods():
@@ -384,12 +386,12 @@ def test_failure_target_alone_is_not_final_and_counts_are_the_pods():
 
 def test_rejected_and_problem_statuses():
     status = plan(training(), [], []).status
-    rejected = progress.rejected(status, "prepare", "Job bot-prepare", "bad quantity", NOW, 1)
+    rejected = status_builder.rejected(status, "prepare", "Job bot-prepare", "bad quantity", NOW, 1)
     assert rejected["phase"] == "Failed" and rejected["reason"] == "JobRejected"
     assert rejected["steps"]["prepare"]["phase"] == "Failed"
     ChatbotTrainingStatus.model_validate(rejected)
     # The object that was refused is named, whichever it was.
-    claim = progress.rejected(status, "prepare", "PersistentVolumeClaim bot-workspace",
+    claim = status_builder.rejected(status, "prepare", "PersistentVolumeClaim bot-workspace",
                               'PersistentVolumeClaim "bot-workspace" is invalid: spec.resources.'
                               'requests[storage]: Invalid value.', NOW, 1)
     assert claim["reason"] == "PersistentVolumeClaimRejected"
@@ -397,7 +399,7 @@ def test_rejected_and_problem_statuses():
         "The API server rejected PersistentVolumeClaim bot-workspace of step prepare: "
         'PersistentVolumeClaim "bot-workspace" is invalid')
     assert not claim["message"].endswith("..")
-    problem = progress.with_problem(status, "ApiError", "Cannot create: 403", NOW, 1)
+    problem = status_builder.with_problem(status, "ApiError", "Cannot create: 403", NOW, 1)
     assert problem["phase"] == status["phase"] and problem["reason"] == "ApiError"
 
 
@@ -411,22 +413,22 @@ def test_rejected_and_problem_statuses():
     ("/workspacex/a", "/workspacex/a"),
 ])
 def test_container_paths_become_claim_uris(path, uri):
-    assert progress.to_pvc_uri(path, "ws") == uri
+    assert status_builder.to_pvc_uri(path, "ws") == uri
 
 
 def test_status_patch_is_a_minimal_merge_patch():
     old = {"phase": "Running", "steps": {"a": {"phase": "Running", "x": 1}}, "gone": 1}
     new = {"phase": "Running", "steps": {"a": {"phase": "Succeeded"}}, "metrics": {"loss": 1.0}}
-    assert progress.status_patch(old, new) == {
+    assert status_builder.status_patch(old, new) == {
         "steps": {"a": {"phase": "Succeeded", "x": None}}, "gone": None, "metrics": {"loss": 1.0}}
-    assert progress.status_patch(new, new) == {}
+    assert status_builder.status_patch(new, new) == {}
 
 
 def test_condition_transition_times_change_only_with_the_status():
-    first = progress.build_conditions("Running", "StepRunning", "m", [], "t1", 1)
-    second = progress.build_conditions("Running", "Retrying", "m2", first, "t2", 1)
+    first = status_builder.build_conditions("Running", "StepRunning", "m", [], "t1", 1)
+    second = status_builder.build_conditions("Running", "Retrying", "m2", first, "t2", 1)
     assert {c["type"]: c["lastTransitionTime"] for c in second}["Progressing"] == "t1"
-    third = progress.build_conditions("Succeeded", "Succeeded", "ok", second, "t3", 1)
+    third = status_builder.build_conditions("Succeeded", "Succeeded", "ok", second, "t3", 1)
     times = {c["type"]: c["lastTransitionTime"] for c in third}
     assert times["Ready"] == "t3" and times["Progressing"] == "t3" and times["Failed"] == "t1"
 
@@ -437,22 +439,22 @@ def test_events_for_step_and_phase_transitions():
            "steps": {"train": {"phase": "Failed", "reason": "OOMKilled", "message": "m",
                                "startTime": "2026-01-01T10:00:00Z",
                                "completionTime": "2026-01-01T10:01:05Z"}}}
-    events = progress.transition_events(old, new)
+    events = status_builder.transition_events(old, new)
     assert [(e.type, e.reason) for e in events] == [("Warning", "StepFailed"),
                                                     ("Warning", "OOMKilled")]
-    assert progress.step_transitions(old, new)[0].seconds == 65
-    assert progress.transition_events(new, new) == []
+    assert status_builder.step_transitions(old, new)[0].seconds == 65
+    assert status_builder.transition_events(new, new) == []
     succeeded = {"phase": "Succeeded", "message": "done",
                  "steps": {"export": {"phase": "Succeeded", "jobName": "bot-export"}}}
-    assert [e.reason for e in progress.transition_events({}, succeeded)] == ["StepSucceeded",
+    assert [e.reason for e in status_builder.transition_events({}, succeeded)] == ["StepSucceeded",
                                                                              "Succeeded"]
 
 
 def test_reasons_are_valid_condition_reasons():
-    assert progress._reason("quality threshold not-met") == "QualityThresholdNotMet"
-    assert progress._reason("") == "StepFailed"
-    assert progress._reason("42") == "StepFailed"
-    assert progress.format_duration(3725) == "1h02m05s"
+    assert condition_reason("quality threshold not-met") == "QualityThresholdNotMet"
+    assert condition_reason("") == "StepFailed"
+    assert condition_reason("42") == "StepFailed"
+    assert format_duration(3725) == "1h02m05s"
 
 
 def test_non_finite_numbers_in_a_summary_are_dropped():
@@ -469,7 +471,8 @@ def test_non_finite_numbers_in_a_summary_are_dropped():
 
 def test_a_model_no_better_than_its_base_is_a_warning_condition():
     """The evaluate step's verdict on base vs fine-tuned reaches status: Improved and metrics."""
-    from chatbot_operator.progress import StepState, collect_metrics, improvement_condition
+    from chatbot_operator.observe import StepState
+    from chatbot_operator.status_builder import collect_metrics, improvement_condition
 
     def states(summary):
         return {step: StepState(step, summary=summary if step == "evaluate" else None)

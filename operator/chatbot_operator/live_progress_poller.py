@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 
 from chatbot_operator import live_progress, metrics
-from chatbot_operator.progress import now_iso
+from chatbot_operator.observe import now_iso
 from chatbot_operator.settings import OperatorConfig
 
 logger = logging.getLogger(__name__)
