@@ -7,7 +7,8 @@ workspace claim (a host folder) and the config map (a host folder holding config
 termination message file at /dev/termination-log, and no network at all: the `smollm` preset's
 offline SmolLM2 file and the example data set come from the image. Then the result JSON and
 the GGUF files are read on the volume, and the termination messages through the operator's
-own reader (progress.termination_message / explain_failure).
+own readers (observe.termination_message, step_states.observe_step,
+status_builder.collect_metrics / collect_model).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 from images_support import BUILD_TIMEOUT, Engine, Sources, run_args, termination_file
 
 from chatbot_api.spec import GROUP, KIND, STEPS, VERSION, ChatbotTrainingSpec
-from chatbot_operator import manifests, progress
+from chatbot_operator import manifests, observe, status_builder, step_states
 from chatbot_operator.settings import OperatorConfig
 
 pytestmark = [pytest.mark.images, pytest.mark.timeout(BUILD_TIMEOUT + 1800)]
@@ -140,16 +141,23 @@ def test_every_step_succeeds_offline_and_reports_to_the_operator(pipeline) -> No
     steps, runs = pipeline
     assert list(runs) == list(STEPS)
     for step, run in runs.items():
-        data, raw = progress.termination_message(run.pod())
+        data, raw = observe.termination_message(run.pod())
         assert raw is None and data is not None, f"{step}: not the trainer's JSON: {run.message!r}"
         assert data["ok"] is True and data["step"] == step, data
         assert len(run.message.encode()) <= 4096
     # What the operator's status computes from the Jobs and Pods: phase, summary, metrics.
-    states = {step: progress.observe_step(step, run.finished_job(), [run.pod()], steps.spec)
+    states = {step: step_states.observe_step(step, run.finished_job(), [run.pod()], steps.spec)
               for step, run in runs.items()}
     assert all(state.phase == "Succeeded" and state.summary for state in states.values()), states
-    metrics = progress.collect_metrics(states)
+    metrics = status_builder.collect_metrics(states)
     assert metrics and "loss" in metrics, metrics
+    # status.model: pvc:// URIs of files that are on the workspace volume.
+    claim = manifests.workspace_claim_name(NAME, steps.spec)
+    model = status_builder.collect_model(states, claim)
+    assert model and model["format"] == "gguf", model
+    for uri in [model["path"], *(f["path"] for f in model.get("files", []))]:
+        assert uri.startswith(f"pvc://{claim}/"), uri
+        assert (steps.workspace / uri[len(f"pvc://{claim}/"):]).is_file(), uri
 
 
 def test_results_and_gguf_files_are_on_the_volume(pipeline) -> None:
@@ -215,11 +223,11 @@ def test_a_failing_step_reports_its_reason_to_the_operator(engine: Engine, train
     rules = run.job["spec"]["podFailurePolicy"]["rules"]
     assert any(r["action"] == "FailJob" and run.proc.returncode in r["onExitCodes"]["values"]
                for r in rules if "onExitCodes" in r)
-    data, raw = progress.termination_message(run.pod())
+    data, raw = observe.termination_message(run.pod())
     assert raw is None and data is not None, run.message
     assert data["ok"] is False and data["step"] == "prepare" and data["reason"], data
     assert "no-such-file.jsonl" in data["message"]
-    state = progress.observe_step("prepare", run.finished_job(), [run.pod()], steps.spec)
+    state = step_states.observe_step("prepare", run.finished_job(), [run.pod()], steps.spec)
     assert state.phase == "Failed"
     reason, message = state.reason, state.message
     assert reason == data["reason"]
@@ -227,5 +235,5 @@ def test_a_failing_step_reports_its_reason_to_the_operator(engine: Engine, train
     # A step whose predecessor has not run: the same contract, another reason.
     later = steps.run("train")
     assert later.proc.returncode == manifests.EXIT_INVALID_INPUT, later.explain()
-    data, _ = progress.termination_message(later.pod())
+    data, _ = observe.termination_message(later.pod())
     assert data["ok"] is False and data["reason"] == "MissingStepResult", data
