@@ -410,3 +410,17 @@ async def test_a_new_training_costs_few_writes(cluster: Cluster, start_operator)
         assert training["metadata"]["finalizers"] == [f"{GROUP}/finalizer"]
         assert not [a for a in training["metadata"].get("annotations") or {} if GROUP in a or "kopf" in a]
         assert cluster.status(name)["phase"] == "Pending"
+
+
+async def test_a_new_training_that_has_the_finalizer_already_is_reported_at_once(
+        cluster: Cluster, start_operator):
+    """Its first status is not held back for a finalizer patch that will not come."""
+    await start_operator()
+    await cluster.call("POST", f"/apis/{GROUP}/v1alpha1/namespaces/{NAMESPACE}/chatbottrainings", {
+        "apiVersion": f"{GROUP}/v1alpha1", "kind": "ChatbotTraining",
+        "metadata": {"name": "kept", "namespace": NAMESPACE, "finalizers": [f"{GROUP}/finalizer"]},
+        "spec": {"trainingData": "/data/a.jsonl"}}, "application/json")
+    await wait_for(lambda: cluster.job("kept", "prepare"), message="prepare Job")
+    await wait_for(lambda: cluster.status("kept").get("step") == "prepare", timeout=3.0,
+                   message="status well before the 5 s a held status may wait")
+    assert writes_by_kind(cluster, "kept").get("PATCH chatbottrainings") is None
