@@ -134,13 +134,16 @@ async def training_changed(type: str, body: kopf.Body, namespace: str, name: str
     if type == "DELETED":
         memo.reconciler.forget(namespace, name)
         return
-    await memo.reconciler.report_held(namespace, name)
+    # Kopf puts its finalizer on after this handler when the training lacks it (a new one):
+    # status patches wait for that, or Kopf's patch would be refused and sent again.
+    awaits_finalizer = (FINALIZER not in (body.metadata.get("finalizers") or [])
+                        and not body.metadata.get("deletionTimestamp") and _unfinished(body.status))
+    if not awaits_finalizer:
+        await memo.reconciler.report_held(namespace, name)
     uid, generation = body.metadata.uid, body.metadata.get("generation")
-    fresh = None if body.get("status") else dict(body)
-    # Kopf puts its finalizer on a new training after this handler: its first status waits.
     await memo.reconciler.nudge(
         namespace, name, unless=lambda seen: seen.uid == uid and seen.generation == generation,
-        fresh=fresh, report_later=FINALIZER not in (body.metadata.get("finalizers") or []))
+        fresh=None if body.get("status") else dict(body), report_later=awaits_finalizer)
 
 
 def _owner_name(body: kopf.Body) -> str | None:

@@ -149,7 +149,7 @@ class Reconciler:
         """Bring one training a step further; returns its new status (None if it is gone or
         `unless` says the last reconciliation already saw what triggered this one). `fresh`:
         the training's body as just watched, if it has no status yet; `report_later`: hold
-        back the first status patch of such a fresh training (see `report_held`)."""
+        back the status patch (see `report_held`)."""
         key = (namespace, name)
         self._waiting[key] = self._waiting.get(key, 0) + 1
         waiting = True
@@ -265,7 +265,7 @@ class Reconciler:
                 core_path("events", namespace),
                 field_selector=f"{FAILED_CREATE},involvedObject.name={job_meta.get('name')}")
             plan = planner.plan(training, jobs, pods, now=now, config=self.config, events=events)
-        return await self._act(training, plan, jobs, pods, now)
+        return await self._act(training, plan, jobs, pods, now, report_later=report_later)
 
     async def _start_fresh(self, training: Mapping[str, Any], now: str,
                            report_later: bool = False) -> dict[str, Any] | None:
@@ -473,15 +473,16 @@ class Reconciler:
         self.tracker.record(meta["namespace"], meta["name"], old, status)
 
     async def report_held(self, namespace: str, name: str) -> None:
-        """Send the status patch held back when a new training's first step started.
+        """Send the status patch held back while Kopf puts its finalizer on (`report_later`).
 
-        Kopf adds its finalizer to a new training after the handler of its first event
-        returns, with a JSON patch that tests the resourceVersion of that event's body. A
-        status patch sent before it changes that resourceVersion: the finalizer patch fails,
-        and Kopf sends it again for every event it then sees without the finalizer. So the
-        first status waits for the training's next event (the finalizer's, normally: the
-        handler calls this), or HOLD_SECONDS at most. A failed patch is not held again: what
-        was seen of the training is forgotten, and the next try reads and reports in full."""
+        Kopf adds its finalizer to an unfinished training after the handler of an event
+        without it returns (a new training's first event, normally), with a JSON patch that
+        tests the resourceVersion of that event's body. A status patch sent before it changes
+        that resourceVersion: the finalizer patch fails, and Kopf sends it again for each
+        event it then sees without the finalizer. So the status waits for the training's
+        event that shows the finalizer (the handler calls this), or HOLD_SECONDS at most. A
+        failed patch is not held again: what was seen of the training is forgotten, and the
+        next try reads and reports in full."""
         key = (namespace, name)
         if key not in self._held:
             return

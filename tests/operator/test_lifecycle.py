@@ -424,3 +424,24 @@ async def test_a_new_training_that_has_the_finalizer_already_is_reported_at_once
     await wait_for(lambda: cluster.status("kept").get("step") == "prepare", timeout=3.0,
                    message="status well before the 5 s a held status may wait")
     assert writes_by_kind(cluster, "kept").get("PATCH chatbottrainings") is None
+
+
+async def test_a_later_step_reads_its_config_map_and_refreshes_what_changed(
+        cluster: Cluster, start_operator):
+    """Once a Job exists, the ConfigMap is read rather than created again (a refused write),
+    patched when mutable settings changed, and the claim is not created again."""
+    await start_operator()
+    await cluster.apply_training("tuned", {"trainingData": "/data/a.jsonl",
+                                           "evaluation": {"minAccuracy": 0.5}})
+    prepare = await wait_for(lambda: cluster.job("tuned", "prepare"), message="prepare Job")
+    await wait_for(lambda: cluster.status("tuned").get("step") == "prepare", message="status")
+    await cluster.patch_training("tuned", {"spec": {"evaluation": {"minAccuracy": 0.8}}})
+    await wait_for(lambda: cluster.status("tuned").get("observedGeneration") == 2,
+                   message="the spec change reconciled")
+    await cluster.succeed(prepare)
+    await wait_for(lambda: cluster.job("tuned", "configure"), message="configure Job")
+    config = json.loads(cluster.get("v1/configmaps", "tuned-config")["data"]["config.json"])
+    assert config["evaluation"]["minAccuracy"] == 0.8
+    writes = writes_by_kind(cluster, "tuned")
+    assert writes["POST configmaps"] == writes["PATCH configmaps"] == 1
+    assert writes["POST persistentvolumeclaims"] == 1
