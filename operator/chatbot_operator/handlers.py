@@ -25,8 +25,10 @@ server, so each training's are kept few: its first step's claim, ConfigMap and J
 finalizer, then its first status (held back until Kopf's finalizer patch has landed: sent
 before it, the status would change the resourceVersion that patch tests, and Kopf would send
 it again); an Event. Kopf keeps no bookkeeping in the training: the handlers here are event
-handlers and a timer, whose state Kopf keeps in memory. With peering, the operator creates its peering object at startup, so the
-install manifests hold no object of a kind they define themselves.
+handlers and a timer, whose state Kopf keeps in memory.
+
+With peering, the operator creates its peering object at startup, so the install manifests
+hold no object of a kind they define themselves.
 """
 
 from __future__ import annotations
