@@ -29,6 +29,7 @@ from typing import Any
 import kopf
 
 from chatbot_api import serve as serve_api
+from chatbot_api.status import answer_status_metrics
 from chatbot_api.spec import GROUP, PLURAL, VERSION, ChatbotTrainingSpec
 
 from chatbot_operator import kube, live_progress, manifests, metrics, multinode, progress, serving
@@ -55,6 +56,17 @@ def core_path(plural: str, namespace: str, name: str | None = None) -> str:
 
 def retry_delay(attempt: int) -> float:
     return float(min(60, 2 ** min(attempt, 6)))
+
+
+def plan_status(*args: Any, **kwargs: Any) -> progress.Plan:
+    """progress.plan, with the answer metrics of the evaluate step's summary (factRecall,
+    rougeL and the base model's) beside the loss in status.metrics."""
+    plan = progress.plan(*args, **kwargs)
+    state = plan.states.get("evaluate")
+    answers = answer_status_metrics(state.summary if state is not None else None)
+    if answers and plan.spec is not None:
+        plan.status["metrics"] = {**(plan.status.get("metrics") or {}), **answers}
+    return plan
 
 
 @dataclasses.dataclass
@@ -205,7 +217,7 @@ class Reconciler:
             # The watched body may lag behind the status this operator wrote last.
             training = {**training, "status": seen.status}
         label = manifests.label_value(name)
-        plan = progress.plan(training, snapshot.jobs.get(label, []), snapshot.pods.get(label, []),
+        plan = plan_status(training, snapshot.jobs.get(label, []), snapshot.pods.get(label, []),
                              now=progress.now_iso(), config=self.config, events=snapshot.events)
         if (plan.create_step or plan.suspend_jobs
                 or progress.status_patch(training.get("status") or {}, plan.status)):
@@ -246,13 +258,13 @@ class Reconciler:
             self.kube.list(jobs_path(namespace), selector),
             self.kube.list(core_path("pods", namespace), selector),
         )
-        plan = progress.plan(training, jobs, pods, now=now, config=self.config)
+        plan = plan_status(training, jobs, pods, now=now, config=self.config)
         if plan.events_of_job is not None:  # a Job without pods: ask its Events why
             job_meta = plan.events_of_job.get("metadata") or {}
             events = await self.kube.list(
                 core_path("events", namespace),
                 field_selector=f"{FAILED_CREATE},involvedObject.name={job_meta.get('name')}")
-            plan = progress.plan(training, jobs, pods, now=now, config=self.config, events=events)
+            plan = plan_status(training, jobs, pods, now=now, config=self.config, events=events)
         return await self._act(training, plan, jobs, pods, now)
 
     async def _start_fresh(self, training: Mapping[str, Any], now: str) -> dict[str, Any] | None:
@@ -261,7 +273,7 @@ class Reconciler:
         None when that does not apply, or when its Job exists after all (then read)."""
         if training.get("status") or (training.get("metadata") or {}).get("deletionTimestamp"):
             return None
-        plan = progress.plan(training, [], [], now=now, config=self.config, events=[])
+        plan = plan_status(training, [], [], now=now, config=self.config, events=[])
         if not plan.create_step:
             return None
         return await self._act(training, plan, [], [], now, new_job_required=True)
@@ -283,8 +295,8 @@ class Reconciler:
                 if new_job_required and not new_jobs:
                     return None
                 if new_jobs:  # report what the next look would see: the step waits for a pod
-                    status = progress.plan(training, jobs + new_jobs, pods, now=now,
-                                           config=self.config, events=[]).status
+                    status = plan_status(training, jobs + new_jobs, pods, now=now,
+                                         config=self.config, events=[]).status
             for job, suspend in plan.suspend_jobs.items():
                 seen.add([await self._set_suspended(meta["namespace"], job, suspend)])
             if training.get("status"):
