@@ -90,7 +90,9 @@ def run_warnings(results: dict[str, dict[str, Any]]) -> list[str]:
         result = results.get(step) or {}
         found = [*(result.get("warnings") or []), *((result.get("summary") or {}).get("warnings") or []),
                  *((result.get("chat_template") or {}).get("warnings") or [])]
-        warnings += [w for w in found if w not in warnings]
+        for warning in found:
+            if warning not in warnings:
+                warnings.append(warning)
     return warnings
 
 
