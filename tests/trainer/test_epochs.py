@@ -86,7 +86,7 @@ def test_training_steps_without_epochs():
         raise AssertionError("sequences are counted only for epochs")
 
     assert resolve_training_steps(TrainingParams(training_data="x"), never) == {
-        "training_steps": 1000, "training_steps_reason": "default"}
+        "training_steps": 1000, "training_steps_reason": "default (neither trainingSteps nor epochs set)"}
     assert resolve_training_steps(TrainingParams(training_data="x", training_steps=7), never)["training_steps"] == 7
     resolved = resolve_training_steps(TrainingParams(training_data="x", epochs=0.01, batch_size=8), lambda: 10)
     assert resolved["training_steps"] == 1  # at least one step

@@ -52,8 +52,9 @@ def resolve_training_steps(params, count_sequences) -> dict[str, Any]:
     `count_sequences()` gives the number of packed training sequences (called only for epochs)."""
     if params.epochs is None:
         steps = params.training_steps or DEFAULT_TRAINING_STEPS
-        return {"training_steps": steps, "training_steps_reason": "trainingSteps as set"
-                if params.training_steps is not None else "default"}
+        chosen = params.training_steps is not None and "training_steps" in params.model_fields_set
+        return {"training_steps": steps, "training_steps_reason": "trainingSteps as set" if chosen
+                else "default (neither trainingSteps nor epochs set)"}
     sequences = count_sequences()
     if sequences <= 0:
         raise ValueError("no training sequence to count epochs over")
