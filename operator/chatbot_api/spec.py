@@ -259,8 +259,8 @@ class TrainingParams(ApiModel):
         problems = [rule.message for rule in CROSS_FIELD_RULES if not rule.holds(self)]
         if problems:
             raise ValueError("; ".join(problems))
-        if self.training_steps is None and self.epochs is None:
-            self.training_steps = DEFAULT_TRAINING_STEPS
+        if self.training_steps is None and self.epochs is None:  # a default, not a choice:
+            self.__dict__["training_steps"] = DEFAULT_TRAINING_STEPS  # kept out of model_fields_set
         return self
 
     def training_params(self) -> "TrainingParams":
