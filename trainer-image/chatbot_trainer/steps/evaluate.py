@@ -1,12 +1,15 @@
-"""Step 4, evaluate: loss, token accuracy and perplexity on the held-out conversations.
+"""Step 4, evaluate: loss, token accuracy and perplexity on the held-out conversations, and the
+answers themselves: fact recall and ROUGE-L against the data's answers (evaluate/answers.py).
 
 The fine-tuned model and the base model (before fine-tuning) are evaluated on the same
-tokenized examples, so the result shows before → after. ``evaluate/metrics.json`` is written
-before the quality thresholds (``evaluation.maxLoss``, ``evaluation.minAccuracy``) are checked,
-so a failed run still shows what it reached. A fine-tuned eval loss that is not below the base
-model's is a warning in the result (and the operator's status), and fails the step with
-``evaluation.requireImprovement``. A few held-out questions (``evaluation.sampleAnswers``) are
-answered greedily by both models and kept side by side with the data's own answers. With an empty eval split (tiny data sets, or
+tokenized examples and answer the same held-out questions (``evaluation.answerQuestions``,
+greedy), so the result shows before → after; ``evaluation.sampleAnswers`` of those answers are
+kept side by side with the data's own. ``evaluate/metrics.json`` is written before the quality
+thresholds (``evaluation.maxLoss``, ``minAccuracy``, ``minFactRecall``, ``minAnswerScore``) are
+checked, so a failed run still shows what it reached, with the facts each answer missed. A
+fine-tuned eval loss that is not below the base model's, or answers with a lower fact recall or
+ROUGE-L than the base's, is a warning in the result (and the operator's status), and fails the
+step with ``evaluation.requireImprovement``. With an empty eval split (tiny data sets, or
 ``data.evalFraction: 0``) a deterministic sample of the training split is used and the result
 says so (``"eval_split": "train-sample"``). While it runs, the batches done are served as live
 progress (train/progress_server.py); the results also go to TensorBoard beside the training's.
