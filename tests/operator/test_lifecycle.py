@@ -43,7 +43,10 @@ SUMMARIES = {
     "prepare": {"train_examples": 90, "eval_examples": 10, "dropped": {"duplicate": 2}},
     "configure": {"base_model": "gpt2", "device": "cuda", "precision": "bf16"},
     "train": {"train_loss": 0.42, "steps": 50, "tokens_per_second": 1234.5},
-    "evaluate": {"metrics": {"loss": 0.15, "accuracy": 0.92, "perplexity": 1.16}},
+    "evaluate": {"metrics": {"loss": 0.15, "accuracy": 0.92, "perplexity": 1.16, "fact_recall": 0.61,
+                             "rouge_l": 0.55},
+                 "base_metrics": {"loss": 2.1, "accuracy": 0.5, "perplexity": 8.2, "fact_recall": 0.05,
+                                  "rouge_l": 0.2}},
     "export": {"model": {
         "path": "/mnt/pvc/models/support-bot/support-bot.q8_0.gguf", "format": "gguf",
         "size_mb": 130.5, "base_model": "gpt2",
@@ -160,7 +163,8 @@ async def test_training_runs_all_steps_to_an_exported_model(cluster: Cluster, st
     config = json.loads(config_map["data"]["config.json"])
     assert config["name"] == "support-bot"
     assert config["trainingData"] == "pvc://chat-data/support.jsonl"
-    assert config["evaluation"] == {"minAccuracy": 0.5, "requireImprovement": False, "sampleAnswers": 3}
+    assert config["evaluation"] == {"minAccuracy": 0.5, "requireImprovement": False, "answerQuestions": 64,
+                                    "sampleAnswers": 3}
     assert "gpu" not in config and "workspace" not in config
     pvc = cluster.get("v1/persistentvolumeclaims", "support-bot-workspace")
     assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
@@ -198,7 +202,9 @@ async def test_training_runs_all_steps_to_an_exported_model(cluster: Cluster, st
                             and cluster.status("support-bot"), message="Succeeded")
     assert status["step"] == "export"
     assert status["metrics"] == {"loss": 0.15, "accuracy": 0.92, "perplexity": 1.16,
-                                 "trainLoss": 0.42}
+                                 "trainLoss": 0.42, "baseLoss": 2.1, "baseAccuracy": 0.5,
+                                 "factRecall": 0.61, "rougeL": 0.55, "baseFactRecall": 0.05,
+                                 "baseRougeL": 0.2}
     assert status["model"] == {
         "path": "pvc://models/support-bot/support-bot.q8_0.gguf", "format": "gguf",
         "sizeMb": 130.5, "baseModel": "gpt2",
@@ -226,7 +232,7 @@ async def test_training_runs_all_steps_to_an_exported_model(cluster: Cluster, st
     training = cluster.training("support-bot")
     columns = {c["name"]: json_path(training, c["jsonPath"]) for c in PRINTER_COLUMNS}
     assert columns == {"Phase": "Succeeded", "Step": "export", "Progress": None, "ETA": None,
-                       "Loss": 0.15, "Accuracy": 0.92,
+                       "Loss": 0.15, "Accuracy": 0.92, "FactRecall": 0.61,
                        "Model": "pvc://models/support-bot/support-bot.q8_0.gguf",
                        "Serving": None, "Age": training["metadata"]["creationTimestamp"]}
 
@@ -251,6 +257,7 @@ async def test_training_runs_all_steps_to_an_exported_model(cluster: Cluster, st
     assert 'chatbot_trainings{phase="Succeeded"} 1.0' in text
     assert 'chatbot_eval_loss{name="support-bot",namespace="ml"} 0.15' in text
     assert 'chatbot_eval_accuracy{name="support-bot",namespace="ml"} 0.92' in text
+    assert 'chatbot_eval_fact_recall{name="support-bot",namespace="ml"} 0.61' in text
     assert 'chatbot_step_duration_seconds_count{step="train"}' in text
     assert "chatbot_reconcile_errors_total" in text
 
