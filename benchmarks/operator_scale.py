@@ -19,9 +19,18 @@ Both POSTs are timestamped by the emulator when it receives them (an admission h
 headline ratio is "p95 at 200 / p50 at 1": how much slower the worst-served trainings of a
 burst start than a training on an idle operator.
 
-Nothing plays the Job controller: the trainings stay at their first step, which is what is
-measured. The emulator runs in this process and competes with the operator for the CPUs; its
-own CPU time is reported too.
+3. writes: every write the operator sends (POST, PUT, PATCH, DELETE; by kind and verb, the
+   training's own patches split into metadata and status) per training of the burst, before
+   its first Job and, with ``--complete`` (the default), over the whole run: the benchmark
+   then plays the Job controller, completing each step's Job with a pod whose termination
+   message is the trainer's summary, until every training of the burst has Succeeded.
+
+The writes are what bounds a burst on a real API server (etcd): a burst of N trainings needs
+N × writes-per-training writes before the last first Job, at the server's write rate. The
+emulator serves writes far faster, so its latencies hide that.
+
+The emulator runs in this process and competes with the operator for the CPUs; its own CPU
+time is reported too.
 """
 
 from __future__ import annotations
@@ -48,6 +57,17 @@ import common  # noqa: E402
 
 SPEC = {"trainingData": "pvc://chat-data/support.jsonl", "modelType": "gpt", "trainingSteps": 100,
         "batchSize": 8, "gpu": {"count": 1}}
+STEPS = ("prepare", "configure", "train", "evaluate", "export")
+# What each step's pod reports in its termination message (as the trainer does).
+SUMMARIES = {
+    "prepare": {"train_examples": 90, "eval_examples": 10},
+    "configure": {"base_model": "gpt2", "device": "cuda", "precision": "bf16"},
+    "train": {"train_loss": 0.42, "steps": 100, "tokens_per_second": 1234.5},
+    "evaluate": {"metrics": {"loss": 0.15, "accuracy": 0.92, "perplexity": 1.16}},
+    "export": {"model": {"path": "/mnt/pvc/models/bot/bot.q8_0.gguf", "format": "gguf",
+                         "size_mb": 130.5, "base_model": "gpt2"}},
+}
+OPERATOR_AGENTS = ("kopf/", "chatbot-operator")
 
 
 # ------------------------------------------------------------------------------ the operator
@@ -173,7 +193,12 @@ def bench_emulator_class():
     from operator_support import ClusterEmulator
 
     class BenchEmulator(ClusterEmulator):
+        writes: list = []  # (time, kind of write, object name, training named by the object)
+
         async def _handle(self, request):
+            if request.method.value.upper() in WRITE_METHODS and request.headers.get(
+                    "User-Agent", "").startswith(OPERATOR_AGENTS):
+                self.writes.append((time.perf_counter(), write_kind(request), *write_target(request)))
             try:
                 return await super()._handle(request)
             finally:
@@ -184,6 +209,58 @@ def bench_emulator_class():
                         break
 
     return BenchEmulator
+
+
+WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def write_kind(request) -> str:
+    """"<verb> <resource>[/<subresource>]"; the training's own patches also name what they
+    change (metadata: finalizers or annotations; status)."""
+    verb = request.method.value.upper()
+    plural = request.resource.plural if request.resource is not None else request.path
+    kind = f"{verb} {plural}" + (f"/{request.subresource}" if request.subresource else "")
+    if verb == "PATCH" and plural == "chatbottrainings" and not request.subresource:
+        data = request.data
+        if isinstance(data, list):  # a JSON patch, as Kopf's finalizer changes are
+            parts = sorted({op.get("path", "").split("/")[2] for op in data
+                            if op.get("path", "").startswith("/metadata/")} or {"?"})
+        elif isinstance(data, dict):
+            parts = sorted([*(f"{k}" for k in (data.get("metadata") or {})),
+                            *(k for k in data if k != "metadata")])
+        else:
+            parts = ["?"]
+        kind += f" ({', '.join(parts)})"
+    return kind
+
+
+def write_target(request) -> tuple[str | None, str | None]:
+    """The written object's name, and the training it belongs to (as far as the body says)."""
+    data = request.data if isinstance(request.data, dict) else {}
+    meta = data.get("metadata") or {}
+    name = request.name or meta.get("name")
+    if request.resource is not None and request.resource.plural == "chatbottrainings":
+        return name, name
+    if request.resource is not None and request.resource.plural == "events":
+        return name, (data.get("involvedObject") or {}).get("name")
+    return name, (meta.get("labels") or {}).get("chatbot.dev/training")
+
+
+def writes_per_training(writes: list, names: list[str], until: dict[str, float] | None = None) -> dict:
+    """Writes of the trainings `names` (each only up to its time in `until`, if given), by kind:
+    {"total": per training, "by_kind": {kind: per training}}."""
+    by_name = sorted(names, key=len, reverse=True)
+    counts: dict[str, int] = {}
+    total = 0
+    for when, kind, obj, owner in writes:
+        if owner not in names:  # e.g. a ConfigMap patch: name the training by the object's name
+            owner = next((n for n in by_name if obj and obj.startswith(n + "-")), None)
+        if owner is None or (until is not None and when > until[owner]):
+            continue
+        counts[kind] = counts.get(kind, 0) + 1
+        total += 1
+    count = len(names) or 1
+    return {"total": total / count, "by_kind": {k: v / count for k, v in sorted(counts.items())}}
 
 
 # ------------------------------------------------------------------------------ one repeat
@@ -221,8 +298,34 @@ async def one_recheck_round(operator: Operator, count: int, limit: float) -> dic
             "recheck_cpu_ms_per_training": 1000 * cpu / checks if checks else None}
 
 
+async def play_job_controller(cluster, names: list[str], timeout: float) -> float:
+    """Complete each step's Job of `names` (a pod exits 0 with the step's summary, the Job
+    completes) until every training has Succeeded; returns the seconds that took."""
+    from operator_support import JOBS, TRAININGS
+
+    started = time.perf_counter()
+    done: set[str] = set()  # Job names completed
+    wanted = set(names)
+    while True:
+        succeeded = {n for n in wanted
+                     if ((cluster.get(TRAININGS, n) or {}).get("status") or {}).get("phase") == "Succeeded"}
+        if succeeded == wanted:
+            return time.perf_counter() - started
+        if time.perf_counter() - started > timeout:
+            raise TimeoutError(f"after {timeout} s only {len(succeeded)} of {len(wanted)} trainings "
+                               f"have Succeeded")
+        jobs = [job for job in cluster.list(JOBS) if job["metadata"]["name"] not in done
+                and (job["metadata"].get("labels") or {}).get("chatbot.dev/training") in wanted]
+        for job in jobs:
+            done.add(job["metadata"]["name"])
+        await asyncio.gather(*(cluster.succeed(job, SUMMARIES[job["metadata"]["labels"]["chatbot.dev/step"]])
+                               for job in jobs))
+        await asyncio.sleep(0.1)
+
+
 async def one_repeat(count: int, idle: int, timeout: float, verbose: bool = True,
-                     profile: str | None = None, recheck: float | None = None) -> dict[str, Any]:
+                     profile: str | None = None, recheck: float | None = None,
+                     complete: bool = True) -> dict[str, Any]:
     import aiohttp
     import kmock
     import yaml
@@ -256,6 +359,7 @@ async def one_repeat(count: int, idle: int, timeout: float, verbose: bool = True
     tmp = Path(tempfile.mkdtemp(prefix="bench-operator-"))
     async with bench_emulator_class()() as emulator, kmock.Server(emulator) as server:
         emulator.register_builtins()
+        emulator.writes = []
         emulator.admission.append(stamp)
         kubeconfig = tmp / "kubeconfig"
         kubeconfig.write_text(yaml.safe_dump({
@@ -308,7 +412,14 @@ async def one_repeat(count: int, idle: int, timeout: float, verbose: bool = True
                 finished = time.perf_counter()
                 after = await settle(operator)
             emulator_cpu = time.process_time() - cpu_parent
+            writes_first_job = writes_per_training(emulator.writes, names, until=first_job)
+            writes_burst = writes_per_training(emulator.writes, names)
             rechecked = await one_recheck_round(operator, count, recheck) if recheck else {}
+            whole: dict[str, Any] = {}
+            if complete:
+                whole["run_through_s"] = await play_job_controller(cluster, names, timeout)
+                await settle(operator)
+                whole["writes_whole_run"] = writes_per_training(emulator.writes, names)
         stopped = await operator.stop()
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -339,7 +450,10 @@ async def one_repeat(count: int, idle: int, timeout: float, verbose: bool = True
         "emulator_cpu_s": emulator_cpu,
         "burst_wall_s": finished - burst_started,
         "errors": stopped["errors"],
+        "writes_before_first_job": writes_first_job,
+        "writes_burst_settled": writes_burst,
         **rechecked,
+        **whole,
     }
 
 
@@ -355,6 +469,9 @@ def main() -> int:
                         help="CHATBOT_RESYNC_SECONDS of the operator (its re-check period)")
     parser.add_argument("--recheck", action="store_true",
                         help="after the burst, also measure one re-check round of all trainings")
+    parser.add_argument("--complete", action=argparse.BooleanOptionalAction, default=True,
+                        help="after the burst, play the Job controller until every training has "
+                             "Succeeded, counting the operator's writes over the whole run")
     parser.add_argument("--quick", action="store_true", help="small sizes: checks that everything runs")
     args = parser.parse_args()
     if args.quick:
@@ -367,7 +484,8 @@ def main() -> int:
         started = time.perf_counter()
         profile = args.profile if args.profile and i == args.repeats - 1 else None
         result = asyncio.run(one_repeat(args.count, args.idle, args.timeout, profile=profile,
-                                        recheck=args.resync + 60 if args.recheck else None))
+                                        recheck=args.resync + 60 if args.recheck else None,
+                                        complete=args.complete))
         runs.append(result)
         print(f"  repeat {i + 1}/{args.repeats}: {common.short(result)}, p95={result['p95']:.3f}, "
               f"all={result['all_first_jobs_s']:.2f} s ({time.perf_counter() - started:.1f} s)", flush=True)
@@ -409,6 +527,15 @@ def main() -> int:
     print()
     print(common.table(["figure", "value"], rows))
     print(f"handler calls during the burst: {json.dumps(summary['handler_calls'])}")
+    middle = runs[len(runs) // 2]
+    windows = [("before its first Job", "writes_before_first_job"),
+               ("burst, settled", "writes_burst_settled"), ("whole run", "writes_whole_run")]
+    for title, key in windows:
+        if key in middle:
+            summary[key] = middle[key]
+            print(f"operator writes per training, {title}: {middle[key]['total']:.2f}")
+            for kind, value in middle[key]["by_kind"].items():
+                print(f"    {value:6.2f}  {kind}")
     data = {
         "benchmark": "operator_scale",
         "machine": common.machine_info(),

@@ -177,6 +177,8 @@ PRINTER_COLUMNS = [
      "description": "Estimated time until the running step's loop ends."},
     {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.loss"},
     {"name": "Accuracy", "type": "number", "jsonPath": ".status.metrics.accuracy"},
+    {"name": "FactRecall", "type": "number", "jsonPath": ".status.metrics.factRecall",
+     "description": "Share of the data's facts the fine-tuned model's answers state."},
     {"name": "Model", "type": "string", "jsonPath": ".status.model.path", "priority": 1},
     {"name": "Serving", "type": "string", "jsonPath": ".status.serving.url", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -41,6 +41,7 @@ CATEGORIES = ["ml"]
 
 StepName = Literal["prepare", "configure", "train", "evaluate", "export"]
 STEPS: tuple[str, ...] = ("prepare", "configure", "train", "evaluate", "export")
+DEFAULT_TRAINING_STEPS = 1000  # when neither trainingSteps nor epochs is set
 Quantization = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]
 
 
@@ -107,8 +108,32 @@ class EvaluationSpec(ApiModel):
     )
     require_improvement: bool = Field(
         False,
-        description="Fail the run when the fine-tuned eval loss is not below the base model's "
-        "(otherwise it is reported as a warning).",
+        description="Fail the run when the fine-tuned model is not better than the base model: "
+        "eval loss not below the base's, or answers with a lower fact recall or ROUGE-L than the "
+        "base's (otherwise each is reported as a warning).",
+    )
+    min_fact_recall: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Fail the run when the fine-tuned model's answers to the held-out questions "
+        "state less than this share of the facts (numbers with units, prices, URLs, e-mail "
+        "addresses, names) of the data's answers.",
+    )
+    min_answer_score: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Fail the run when the mean ROUGE-L F1 of the fine-tuned model's answers "
+        "against the data's answers is below this value.",
+    )
+    answer_questions: int = Field(
+        64,
+        ge=0,
+        le=100_000,
+        description="Held-out questions (the last user turn of a held-out conversation) answered "
+        "greedily by the fine-tuned and the base model and scored against the data's answers "
+        "(fact recall, ROUGE-L); 0 skips the answer metrics.",
     )
     sample_answers: int = Field(
         3,
@@ -173,11 +198,30 @@ class TrainingParams(ApiModel):
         "in it, in the image, or pvc://<claim>/<path>). Checked against the tokenizer's special tokens; "
         "written into the GGUF and the Modelfile.",
     )
-    training_steps: int = Field(1000, ge=1, le=1_000_000, description="Optimizer steps.")
+    training_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description=f"Optimizer steps (default: {DEFAULT_TRAINING_STEPS} when epochs is unset; "
+        "mutually exclusive with epochs).",
+    )
+    epochs: float | None = Field(
+        None,
+        gt=0.0,
+        le=10_000.0,
+        description="Passes over the training data, instead of trainingSteps: the configure step "
+        "resolves it to ceil(epochs × packed training sequences / batchSize) steps.",
+    )
     batch_size: int = Field(
         8, ge=1, le=4096, description="Conversations (or packed sequences) per optimizer step."
     )
-    learning_rate: float = Field(1e-4, gt=0.0, le=1.0, description="Peak learning rate.")
+    learning_rate: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Peak learning rate. Unset: the base model's default (3e-4 for models of up "
+        "to 1B parameters such as smollm, 1e-4 above), 1e-3 for a model built from a config.",
+    )
 
     max_seq_length: int = Field(
         512, ge=16, le=131072, description="Tokens per sequence; longer conversations are dropped."
@@ -230,6 +274,8 @@ class TrainingParams(ApiModel):
         problems = [rule.message for rule in CROSS_FIELD_RULES if not rule.holds(self)]
         if problems:
             raise ValueError("; ".join(problems))
+        if self.training_steps is None and self.epochs is None:  # a default, not a choice:
+            self.__dict__["training_steps"] = DEFAULT_TRAINING_STEPS  # kept out of model_fields_set
         return self
 
     def training_params(self) -> "TrainingParams":
@@ -387,9 +433,16 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         holds=lambda s: not _has(s.micro_batch_size) or s.batch_size % s.micro_batch_size == 0,
     ),
     CrossFieldRule(
-        cel="!has(self.warmupSteps) || self.warmupSteps < self.trainingSteps",
+        cel="!has(self.warmupSteps) || !has(self.trainingSteps) || self.warmupSteps < self.trainingSteps",
         message="warmupSteps must be less than trainingSteps",
-        holds=lambda s: not _has(s.warmup_steps) or s.warmup_steps < s.training_steps,
+        holds=lambda s: not _has(s.warmup_steps) or not _has(s.training_steps)
+        or s.warmup_steps < s.training_steps,
+    ),
+    CrossFieldRule(
+        cel="!has(self.epochs) || !has(self.trainingSteps)",
+        message="trainingSteps and epochs are mutually exclusive: set one of them, epochs counts "
+        "passes over the packed training data",
+        holds=lambda s: not (_has(s.epochs) and _has(s.training_steps)),
     ),
 )
 
@@ -444,6 +497,7 @@ IMMUTABLE_FIELDS: tuple[str, ...] = (
     "modelType",
     "chatTemplate",
     "trainingSteps",
+    "epochs",
     "batchSize",
     "learningRate",
     "maxSeqLength",

@@ -36,6 +36,29 @@ class Metrics(ApiModel):
     train_loss: float | None = Field(None, description="Final training loss.")
     base_loss: float | None = Field(None, description="Eval loss of the base model before fine-tuning.")
     base_accuracy: float | None = Field(None, description="Assistant-token accuracy of the base model.")
+    fact_recall: float | None = Field(
+        None, description="Share of the facts (numbers with units, prices, URLs, e-mail addresses, "
+        "names) of the data's answers that the fine-tuned model's answers to held-out questions state.")
+    rouge_l: float | None = Field(
+        None, description="Mean ROUGE-L F1 of the fine-tuned model's answers against "
+        "the data's answers.")
+    base_fact_recall: float | None = Field(None, description="factRecall of the base model's answers.")
+    base_rouge_l: float | None = Field(
+        None, description="rougeL of the base model's answers.")
+
+
+def answer_status_metrics(evaluate_summary: dict[str, Any] | None) -> dict[str, float]:
+    """status.metrics' answer fields from the evaluate step's summary (its termination message):
+    factRecall, rougeL, baseFactRecall, baseRougeL (those it reported)."""
+    summary = evaluate_summary if isinstance(evaluate_summary, dict) else {}
+    found = {}
+    for prefix, key in (("", "metrics"), ("base", "base_metrics")):
+        block = summary.get(key) if isinstance(summary.get(key), dict) else {}
+        for name, field in (("fact_recall", "FactRecall"), ("rouge_l", "RougeL")):
+            value = block.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+                found[(prefix + field) if prefix else field[0].lower() + field[1:]] = float(value)
+    return found
 
 
 class ModelFile(ApiModel):

@@ -19,9 +19,16 @@ never touched). No delete handler is needed. Kopf puts the finalizer `chatbot.de
 on unfinished trainings because of the re-check timer, and removes it when it sees the
 deletion (or the training finishes), so deleting a training needs the operator running.
 
-Status is written to the status subresource by the reconciler (merge patch); handlers
-return nothing. With peering, the operator creates its peering object at startup, so the
-install manifests hold no object of a kind they define themselves.
+Status is written to the status subresource by the reconciler (one merge patch per
+reconciliation); handlers return nothing. Writes bound a burst of new trainings on a real API
+server, so each training's are kept few: its first step's claim, ConfigMap and Job; Kopf's
+finalizer, then its first status (held back until Kopf's finalizer patch has landed: sent
+before it, the status would change the resourceVersion that patch tests, and Kopf would send
+it again); an Event. Kopf keeps no bookkeeping in the training: the handlers here are event
+handlers and a timer, whose state Kopf keeps in memory.
+
+With peering, the operator creates its peering object at startup, so the install manifests
+hold no object of a kind they define themselves.
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ RESYNC_SECONDS = resync_seconds_from_env()
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
     """Operator-specific Kopf settings (tests set their own timings on the same object)."""
     settings.persistence.finalizer = FINALIZER
-    # Kopf keeps its bookkeeping (of the timer's retries) in annotations with our prefix.
+    # Kopf writes no progress or last-handled-configuration for event handlers and timers; a
+    # create/update/delete handler would, in annotations with our prefix (a write per change).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
@@ -128,10 +136,16 @@ async def training_changed(type: str, body: kopf.Body, namespace: str, name: str
     if type == "DELETED":
         memo.reconciler.forget(namespace, name)
         return
+    # Kopf puts its finalizer on after this handler when the training lacks it (a new one):
+    # status patches wait for that, or Kopf's patch would be refused and sent again.
+    awaits_finalizer = (FINALIZER not in (body.metadata.get("finalizers") or [])
+                        and not body.metadata.get("deletionTimestamp") and _unfinished(body.status))
+    if not awaits_finalizer:
+        await memo.reconciler.report_held(namespace, name)
     uid, generation = body.metadata.uid, body.metadata.get("generation")
     await memo.reconciler.nudge(
         namespace, name, unless=lambda seen: seen.uid == uid and seen.generation == generation,
-        fresh=None if body.get("status") else dict(body))
+        fresh=None if body.get("status") else dict(body), report_later=awaits_finalizer)
 
 
 def _owner_name(body: kopf.Body) -> str | None:

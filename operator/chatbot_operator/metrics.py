@@ -38,6 +38,9 @@ EVAL_LOSS = prometheus_client.Gauge(
 EVAL_ACCURACY = prometheus_client.Gauge(
     "chatbot_eval_accuracy", "Assistant-token accuracy of a ChatbotTraining.",
     ["namespace", "name"], registry=REGISTRY)
+EVAL_FACT_RECALL = prometheus_client.Gauge(
+    "chatbot_eval_fact_recall", "Share of the data's facts the fine-tuned model's answers to "
+    "held-out questions state.", ["namespace", "name"], registry=REGISTRY)
 RECONCILE_ERRORS = prometheus_client.Counter(
     "chatbot_reconcile_errors", "Reconciliations of a ChatbotTraining that failed.",
     registry=REGISTRY)
@@ -108,11 +111,13 @@ class TrainingTracker:
             EVAL_LOSS.labels(namespace=namespace, name=name).set(metrics["loss"])
         if metrics.get("accuracy") is not None:
             EVAL_ACCURACY.labels(namespace=namespace, name=name).set(metrics["accuracy"])
+        if metrics.get("factRecall") is not None:
+            EVAL_FACT_RECALL.labels(namespace=namespace, name=name).set(metrics["factRecall"])
 
     def forget(self, namespace: str, name: str) -> None:
         self._phases.pop((namespace, name), None)
         show_live_progress(namespace, name, None)
-        for gauge in (EVAL_LOSS, EVAL_ACCURACY):
+        for gauge in (EVAL_LOSS, EVAL_ACCURACY, EVAL_FACT_RECALL):
             try:
                 gauge.remove(namespace, name)
             except KeyError:

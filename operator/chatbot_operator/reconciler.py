@@ -7,7 +7,11 @@ names, so a concurrent or repeated create gets 409 Conflict, which counts as don
 
 A training that no operator has reconciled yet (no status) gets its first step's Job
 without any read first: nothing of it can exist (a 409 on its Job says otherwise, and the
-usual reads follow). Work is skipped where it cannot change anything:
+usual reads follow); its status patch waits until Kopf has put its finalizer on
+(`report_held`), so that neither patch makes the other fail. Writes are what a burst of new
+trainings waits for on a real API server: one status patch per reconciliation at most, and a
+later step reads its ConfigMap rather than trying to create it again. Work is skipped where
+it cannot change anything:
 - an event that brings nothing new: the training's generation (its spec) as last reconciled,
   or a Job or Pod at the resourceVersion the last reconciliation read or wrote (e.g. the
   ADDED event of the Job it just created, or the MODIFIED event of its own status patch);
@@ -39,6 +43,7 @@ from chatbot_operator.settings import OperatorConfig
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_SECONDS = 2.0  # how old the re-check's shared listing of a namespace may be
+HOLD_SECONDS = 5.0  # how long a new training's first status patch may wait (report_held)
 FAILED_CREATE = "reason=FailedCreate,involvedObject.kind=Job"
 
 
@@ -111,6 +116,7 @@ class Reconciler:
         self._waiting: dict[tuple[str, str], int] = {}  # calls waiting for the lock
         self._seen: dict[tuple[str, str], Seen] = {}
         self._attempts: dict[tuple[str, str], int] = {}  # failed tries in a row
+        self._held: dict[tuple[str, str], dict[str, Any]] = {}  # status patches: report_held
         self._snapshots: dict[str, Snapshot] = {}
         self._snapshot_locks: dict[str, asyncio.Lock] = {}
         self._later: set[asyncio.TimerHandle | asyncio.Task] = set()
@@ -122,7 +128,7 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         """The training is gone: drop its lock, what was seen of it and its metrics."""
         key = (namespace, name)
-        for table in (self._locks, self._waiting, self._seen, self._attempts):
+        for table in (self._locks, self._waiting, self._seen, self._attempts, self._held):
             table.pop(key, None)
         self.tracker.forget(namespace, name)
         self.live_progress.forget(namespace, name)
@@ -138,10 +144,12 @@ class Reconciler:
 
     async def reconcile(self, namespace: str, name: str, *,
                         unless: Callable[[Seen], bool] | None = None,
-                        fresh: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+                        fresh: Mapping[str, Any] | None = None,
+                        report_later: bool = False) -> dict[str, Any] | None:
         """Bring one training a step further; returns its new status (None if it is gone or
         `unless` says the last reconciliation already saw what triggered this one). `fresh`:
-        the training's body as just watched, if it has no status yet."""
+        the training's body as just watched, if it has no status yet; `report_later`: hold
+        back the status patch (see `report_held`)."""
         key = (namespace, name)
         self._waiting[key] = self._waiting.get(key, 0) + 1
         waiting = True
@@ -154,7 +162,7 @@ class Reconciler:
                     return None
                 started = time.perf_counter()
                 try:
-                    return await self._reconcile(namespace, name, fresh)
+                    return await self._reconcile(namespace, name, fresh, report_later)
                 except Exception:
                     metrics.RECONCILE_ERRORS.inc()
                     raise
@@ -166,14 +174,16 @@ class Reconciler:
 
     async def nudge(self, namespace: str, name: str, *,
                     unless: Callable[[Seen], bool] | None = None,
-                    fresh: Mapping[str, Any] | None = None) -> None:
+                    fresh: Mapping[str, Any] | None = None,
+                    report_later: bool = False) -> None:
         """Reconcile because something changed; a run already waiting covers this one too.
         An API error is logged and tried again later."""
         key = (namespace, name)
         if self._waiting.get(key):
             return
         try:
-            await self.reconcile(namespace, name, unless=unless, fresh=fresh)
+            await self.reconcile(namespace, name, unless=unless, fresh=fresh,
+                                 report_later=report_later)
         except kube.ApiError as exc:
             if exc.reason == "ClientClosed":
                 return
@@ -230,10 +240,11 @@ class Reconciler:
     # ------------------------------------------------------------------ one reconciliation
 
     async def _reconcile(self, namespace: str, name: str,
-                         fresh: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+                         fresh: Mapping[str, Any] | None = None,
+                         report_later: bool = False) -> dict[str, Any] | None:
         now = now_iso()
         if fresh is not None:
-            status = await self._start_fresh(fresh, now)
+            status = await self._start_fresh(fresh, now, report_later)
             if status is not None:
                 return status
         training = await self.kube.get(training_path(namespace, name))
@@ -254,22 +265,27 @@ class Reconciler:
                 core_path("events", namespace),
                 field_selector=f"{FAILED_CREATE},involvedObject.name={job_meta.get('name')}")
             plan = planner.plan(training, jobs, pods, now=now, config=self.config, events=events)
-        return await self._act(training, plan, jobs, pods, now)
+        return await self._act(training, plan, jobs, pods, now, report_later=report_later)
 
-    async def _start_fresh(self, training: Mapping[str, Any], now: str) -> dict[str, Any] | None:
+    async def _start_fresh(self, training: Mapping[str, Any], now: str,
+                           report_later: bool = False) -> dict[str, Any] | None:
         """A training no operator has reconciled yet (no status; its body as just watched):
         nothing of it can exist, so its first step starts without reading anything first.
-        None when that does not apply, or when its Job exists after all (then read)."""
+        None when that does not apply, or when its Job exists after all (then read).
+        `report_later`: its status patch waits for `report_held` (see there)."""
         if training.get("status") or (training.get("metadata") or {}).get("deletionTimestamp"):
             return None
         plan = planner.plan(training, [], [], now=now, config=self.config, events=[])
         if not plan.create_step:
             return None
-        return await self._act(training, plan, [], [], now, new_job_required=True)
+        return await self._act(training, plan, [], [], now, new_job_required=True,
+                               report_later=report_later)
 
     async def _act(self, training: Mapping[str, Any], plan: planner.Plan, jobs: list, pods: list,
-                   now: str, new_job_required: bool = False) -> dict[str, Any] | None:
-        """Carry out a plan and report the status; remember what was read and written."""
+                   now: str, new_job_required: bool = False,
+                   report_later: bool = False) -> dict[str, Any] | None:
+        """Carry out a plan and report the status (one patch, or held back: `report_held`);
+        remember what was read and written."""
         meta = training.get("metadata") or {}
         seen = Seen(uid=meta.get("uid"), generation=meta.get("generation"))
         seen.add(jobs + pods)
@@ -278,7 +294,8 @@ class Reconciler:
         try:
             if plan.create_step and plan.spec is not None:
                 created = await self._start_step(training, plan.spec, plan.create_step,
-                                                 plan.attempt, plan.retry_message)
+                                                 plan.attempt, plan.retry_message,
+                                                 first=not jobs)
                 seen.add(created)
                 new_jobs = [obj for obj in created if obj.get("kind") == "Job"]
                 if new_job_required and not new_jobs:
@@ -299,7 +316,7 @@ class Reconciler:
                 status = status_builder.with_problem(
                     status, "ApiError", f"Cannot create or update {exc.what} ({exc.error}); "
                     f"retrying", now, meta.get("generation"))
-        await self._report(training, status)
+        await self._report(training, status, hold=report_later and failure is None)
         if failure is not None:
             raise failure
         seen.status = status
@@ -316,13 +333,16 @@ class Reconciler:
             raise ObjectError(what, exc) from exc
 
     async def _start_step(self, training: Mapping[str, Any], spec: ChatbotTrainingSpec,
-                          step: str, attempt: int = 1, retry_message: str | None = None) -> list[dict]:
+                          step: str, attempt: int = 1, retry_message: str | None = None,
+                          first: bool = True) -> list[dict]:
         """Create what the step needs (claim, ConfigMap, a multi-node train step's Service
-        together), then its Job; returns what was created."""
+        together), then its Job; returns what was created. `first`: no Job of the training
+        exists yet. Once one does, the claim and the ConfigMap were created before it, so
+        the claim is not created again and the ConfigMap is read (and refreshed) first."""
         namespace = training["metadata"]["namespace"]
-        pvc = manifests.workspace_pvc(training, spec)
+        pvc = manifests.workspace_pvc(training, spec) if first else None
         *companions, job = multinode.step_objects(training, spec, step, self.config, attempt)
-        needs = [self._ensure_config_map(training, spec)]
+        needs = [self._ensure_config_map(training, spec, read_first=not first)]
         if pvc is not None:
             needs.append(self._create(namespace, "persistentvolumeclaims", pvc))
         needs += [self._create(namespace, "services", obj) for obj in companions]
@@ -338,17 +358,21 @@ class Reconciler:
                       message=f"Started step {step}: Job {job['metadata']['name']}")
         return [obj for obj in results if isinstance(obj, dict)] + ([created] if created else [])
 
-    async def _ensure_config_map(self, training: Mapping[str, Any],
-                                 spec: ChatbotTrainingSpec) -> dict | None:
-        """Create the ConfigMap, or refresh its data (mutable spec fields changed)."""
+    async def _ensure_config_map(self, training: Mapping[str, Any], spec: ChatbotTrainingSpec,
+                                 read_first: bool = False) -> dict | None:
+        """Create the ConfigMap, or refresh its data (mutable spec fields changed).
+        `read_first`: it is expected to exist, so read it rather than try a create (a write)
+        that would be refused."""
         namespace = training["metadata"]["namespace"]
         wanted = manifests.config_map(training, spec)
-        created = await self._create(namespace, "configmaps", wanted)
-        if created is not None:
-            return created
         url = core_path("configmaps", namespace, wanted["metadata"]["name"])
         try:
-            existing = await self.kube.get(url)
+            existing = await self.kube.get(url) if read_first else None
+            if existing is None:
+                created = await self._create(namespace, "configmaps", wanted)
+                if created is not None:
+                    return created
+                existing = await self.kube.get(url)
             if existing is not None and existing.get("data") != wanted["data"]:
                 await self.kube.patch(url, {"data": wanted["data"]})
         except kube.ApiError as exc:
@@ -419,6 +443,7 @@ class Reconciler:
         key = (namespace, name)
         if key not in self._seen:  # not reconciled (or forgotten): no lock to make
             return
+        await self.report_held(namespace, name)  # first, or it would overwrite this change
         async with self._lock(key):
             seen = self._seen.get(key)
             if seen is None or seen.status is None:
@@ -429,13 +454,48 @@ class Reconciler:
                 await self.kube.patch(training_path(namespace, name, "status"), {"status": patch})
             seen.status = new
 
-    async def _report(self, training: Mapping[str, Any], status: dict[str, Any]) -> None:
+    async def _report(self, training: Mapping[str, Any], status: dict[str, Any],
+                      hold: bool = False) -> None:
+        """One status patch: what differs from the status the training has (as read), which
+        also covers a patch still held back. `hold`: hold this one back (`report_held`)."""
         meta = training["metadata"]
+        key = (meta["namespace"], meta["name"])
+        self._held.pop(key, None)
         old = training.get("status") or {}
         patch = status_builder.status_patch(old, status)
-        if patch:
-            await self.kube.patch(training_path(meta["namespace"], meta["name"], "status"),
-                                  {"status": patch})
+        if patch and hold:
+            self._held[key] = patch
+            self._call_later(HOLD_SECONDS, lambda: self.report_held(*key))
+        elif patch:
+            await self.kube.patch(training_path(*key, "status"), {"status": patch})
         for event in status_builder.transition_events(old, status):
             kopf.event(training, type=event.type, reason=event.reason, message=event.message)
         self.tracker.record(meta["namespace"], meta["name"], old, status)
+
+    async def report_held(self, namespace: str, name: str) -> None:
+        """Send the status patch held back while Kopf puts its finalizer on (`report_later`).
+
+        Kopf adds its finalizer to an unfinished training after the handler of an event
+        without it returns (a new training's first event, normally), with a JSON patch that
+        tests the resourceVersion of that event's body. A status patch sent before it changes
+        that resourceVersion: the finalizer patch fails, and Kopf sends it again for each
+        event it then sees without the finalizer. So the status waits for the training's
+        event that shows the finalizer (the handler calls this), or HOLD_SECONDS at most. A
+        failed patch is not held again: what was seen of the training is forgotten, and the
+        next try reads and reports in full."""
+        key = (namespace, name)
+        if key not in self._held:
+            return
+        async with self._lock(key):
+            patch = self._held.pop(key, None)
+            if patch is None:
+                return
+            try:
+                await self.kube.patch(training_path(namespace, name, "status"), {"status": patch})
+            except kube.ApiError as exc:
+                self._seen.pop(key, None)
+                if exc.reason == "ClientClosed" or exc.status == 404:
+                    return
+                logger.warning("[%s/%s] Reporting the status failed, trying again: %s",
+                               namespace, name, exc)
+                self._call_later(retry_delay(0), lambda: self.nudge(namespace, name))

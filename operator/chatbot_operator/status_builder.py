@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from chatbot_api.spec import STEPS, ChatbotTrainingSpec
-from chatbot_api.status import ChatbotTrainingStatus
+from chatbot_api.status import ChatbotTrainingStatus, answer_status_metrics
 from chatbot_operator import live_progress, manifests
 from chatbot_operator.diagnose import WAITING_PROBLEMS, condition_reason, sentence
 from chatbot_operator.observe import (
@@ -52,6 +52,7 @@ def collect_metrics(states: Mapping[str, StepState]) -> dict[str, float] | None:
         "baseAccuracy": finite_or_none(base_metrics.get("accuracy")),
     }
     result = {key: value for key, value in result.items() if value is not None}
+    result.update(answer_status_metrics(evaluate))  # factRecall, rougeL and the base model's
     return result or None
 
 

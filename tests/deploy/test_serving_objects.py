@@ -62,7 +62,8 @@ def test_server_runs_the_pinned_image_on_the_example_file(server_objects) -> Non
     assert container["image"] == "ghcr.io/ggml-org/llama.cpp:server-b8840"
     assert container["args"][:2] == ["-m", "/models/models/support-bot/support-bot.q8_0.gguf"]
     assert container["resources"] == {"requests": {"cpu": "2", "memory": "2Gi"},
-                                      "limits": {"memory": "4Gi"}}
+                                      "limits": {"cpu": "2", "memory": "4Gi"}}
+    assert container["args"][container["args"].index("-t") + 1] == "2"  # llama.cpp's threads: the CPU limit
     (model, _) = deployment["spec"]["template"]["spec"]["volumes"]
     assert model["persistentVolumeClaim"] == {"claimName": "chat-data", "readOnly": True}
     service = one(server_objects, "Service")

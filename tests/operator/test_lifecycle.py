@@ -15,6 +15,7 @@ from operator_support import (
     TRAININGS,
     Cluster,
     assert_rbac_allows_operator_requests,
+    operator_requests,
     wait_for,
 )
 
@@ -42,7 +43,10 @@ SUMMARIES = {
     "prepare": {"train_examples": 90, "eval_examples": 10, "dropped": {"duplicate": 2}},
     "configure": {"base_model": "gpt2", "device": "cuda", "precision": "bf16"},
     "train": {"train_loss": 0.42, "steps": 50, "tokens_per_second": 1234.5},
-    "evaluate": {"metrics": {"loss": 0.15, "accuracy": 0.92, "perplexity": 1.16}},
+    "evaluate": {"metrics": {"loss": 0.15, "accuracy": 0.92, "perplexity": 1.16, "fact_recall": 0.61,
+                             "rouge_l": 0.55},
+                 "base_metrics": {"loss": 2.1, "accuracy": 0.5, "perplexity": 8.2, "fact_recall": 0.05,
+                                  "rouge_l": 0.2}},
     "export": {"model": {
         "path": "/mnt/pvc/models/support-bot/support-bot.q8_0.gguf", "format": "gguf",
         "size_mb": 130.5, "base_model": "gpt2",
@@ -159,7 +163,8 @@ async def test_training_runs_all_steps_to_an_exported_model(cluster: Cluster, st
     config = json.loads(config_map["data"]["config.json"])
     assert config["name"] == "support-bot"
     assert config["trainingData"] == "pvc://chat-data/support.jsonl"
-    assert config["evaluation"] == {"minAccuracy": 0.5, "requireImprovement": False, "sampleAnswers": 3}
+    assert config["evaluation"] == {"minAccuracy": 0.5, "requireImprovement": False, "answerQuestions": 64,
+                                    "sampleAnswers": 3}
     assert "gpu" not in config and "workspace" not in config
     pvc = cluster.get("v1/persistentvolumeclaims", "support-bot-workspace")
     assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
@@ -197,7 +202,9 @@ async def test_training_runs_all_steps_to_an_exported_model(cluster: Cluster, st
                             and cluster.status("support-bot"), message="Succeeded")
     assert status["step"] == "export"
     assert status["metrics"] == {"loss": 0.15, "accuracy": 0.92, "perplexity": 1.16,
-                                 "trainLoss": 0.42}
+                                 "trainLoss": 0.42, "baseLoss": 2.1, "baseAccuracy": 0.5,
+                                 "factRecall": 0.61, "rougeL": 0.55, "baseFactRecall": 0.05,
+                                 "baseRougeL": 0.2}
     assert status["model"] == {
         "path": "pvc://models/support-bot/support-bot.q8_0.gguf", "format": "gguf",
         "sizeMb": 130.5, "baseModel": "gpt2",
@@ -225,7 +232,7 @@ async def test_training_runs_all_steps_to_an_exported_model(cluster: Cluster, st
     training = cluster.training("support-bot")
     columns = {c["name"]: json_path(training, c["jsonPath"]) for c in PRINTER_COLUMNS}
     assert columns == {"Phase": "Succeeded", "Step": "export", "Progress": None, "ETA": None,
-                       "Loss": 0.15, "Accuracy": 0.92,
+                       "Loss": 0.15, "Accuracy": 0.92, "FactRecall": 0.61,
                        "Model": "pvc://models/support-bot/support-bot.q8_0.gguf",
                        "Serving": None, "Age": training["metadata"]["creationTimestamp"]}
 
@@ -236,8 +243,12 @@ async def test_training_runs_all_steps_to_an_exported_model(cluster: Cluster, st
     assert reasons.count("StepStarted") == 5
     assert all(e["type"] == "Normal" for e in cluster.events("support-bot"))
 
-    # Each Job was created exactly once.
+    # Each Job was created exactly once; the claim and the ConfigMap once, before the first;
+    # the training's metadata was written twice: Kopf's finalizer on, then off.
     assert cluster.emulator.count("POST", JOBS) == 5
+    writes = writes_by_kind(cluster, "support-bot")
+    assert writes["POST persistentvolumeclaims"] == writes["POST configmaps"] == 1
+    assert writes["PATCH chatbottrainings"] == 2
 
     # Prometheus metrics.
     async with aiohttp.ClientSession() as session:
@@ -246,6 +257,7 @@ async def test_training_runs_all_steps_to_an_exported_model(cluster: Cluster, st
     assert 'chatbot_trainings{phase="Succeeded"} 1.0' in text
     assert 'chatbot_eval_loss{name="support-bot",namespace="ml"} 0.15' in text
     assert 'chatbot_eval_accuracy{name="support-bot",namespace="ml"} 0.92' in text
+    assert 'chatbot_eval_fact_recall{name="support-bot",namespace="ml"} 0.61' in text
     assert 'chatbot_step_duration_seconds_count{step="train"}' in text
     assert "chatbot_reconcile_errors_total" in text
 
@@ -354,3 +366,89 @@ async def test_starting_and_rechecking_a_training_costs_few_requests(cluster: Cl
     assert len([r for r in mine if r.subresource == "status"]) == 1
     listings = [r for r in mine if r.method.value.upper() == "GET" and r.name is None]
     assert 2 <= len(listings) <= 9  # Jobs, Pods, Events: per re-check round, not per training
+
+
+WRITES = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def writes_by_kind(cluster: Cluster, name: str, requests: list | None = None) -> dict[str, int]:
+    """The operator's writes of the training `name` and of its objects ("<verb> <resource>")."""
+    counts: dict[str, int] = {}
+    for request in operator_requests(cluster) if requests is None else requests:
+        if request.method.value.upper() not in WRITES or request.resource is None:
+            continue
+        data = request.data if isinstance(request.data, dict) else {}
+        target = request.name or (data.get("metadata") or {}).get("name") or ""
+        if request.resource.plural == "events":
+            target = (data.get("involvedObject") or {}).get("name") or ""
+        if target == name or target.startswith(f"{name}-"):
+            kind = f"{request.method.value.upper()} {request.resource.plural}"
+            kind += f"/{request.subresource}" if request.subresource else ""
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+async def test_a_new_training_costs_few_writes(cluster: Cluster, start_operator):
+    """The writes a burst of new trainings waits for on a real API server: three creates
+    before the first Job; then one status patch and Kopf's finalizer, each written once
+    (the status waits for the finalizer, so neither patch is refused and sent again), and
+    no bookkeeping annotations of Kopf."""
+    await start_operator()
+    names = [f"burst-{i}" for i in range(3)]
+    await asyncio.gather(*(cluster.apply_training(n, {"trainingData": "/data/a.jsonl"})
+                           for n in names))
+    for name in names:
+        await wait_for(lambda: cluster.status(name).get("step") == "prepare"
+                       and cluster.training(name)["metadata"].get("finalizers"),
+                       message=f"{name}: status and finalizer")
+    await asyncio.sleep(1.0)  # anything that would follow
+    requests = operator_requests(cluster)
+    for name in names:
+        job = next(i for i, r in enumerate(requests) if r.method.value.upper() == "POST"
+                   and r.resource == kmock.resource(JOBS) and r.data["metadata"]["name"] == f"{name}-prepare")
+        assert writes_by_kind(cluster, name, requests[:job + 1]) == {
+            "POST configmaps": 1, "POST persistentvolumeclaims": 1, "POST jobs": 1}
+        assert writes_by_kind(cluster, name) == {
+            "POST configmaps": 1, "POST persistentvolumeclaims": 1, "POST jobs": 1,
+            "POST events": 1,  # StepStarted
+            "PATCH chatbottrainings": 1,  # Kopf's finalizer
+            "PATCH chatbottrainings/status": 1}
+        training = cluster.training(name)
+        assert training["metadata"]["finalizers"] == [f"{GROUP}/finalizer"]
+        assert not [a for a in training["metadata"].get("annotations") or {} if GROUP in a or "kopf" in a]
+        assert cluster.status(name)["phase"] == "Pending"
+
+
+async def test_a_new_training_that_has_the_finalizer_already_is_reported_at_once(
+        cluster: Cluster, start_operator):
+    """Its first status is not held back for a finalizer patch that will not come."""
+    await start_operator()
+    await cluster.call("POST", f"/apis/{GROUP}/v1alpha1/namespaces/{NAMESPACE}/chatbottrainings", {
+        "apiVersion": f"{GROUP}/v1alpha1", "kind": "ChatbotTraining",
+        "metadata": {"name": "kept", "namespace": NAMESPACE, "finalizers": [f"{GROUP}/finalizer"]},
+        "spec": {"trainingData": "/data/a.jsonl"}}, "application/json")
+    await wait_for(lambda: cluster.job("kept", "prepare"), message="prepare Job")
+    await wait_for(lambda: cluster.status("kept").get("step") == "prepare", timeout=3.0,
+                   message="status well before the 5 s a held status may wait")
+    assert writes_by_kind(cluster, "kept").get("PATCH chatbottrainings") is None
+
+
+async def test_a_later_step_reads_its_config_map_and_refreshes_what_changed(
+        cluster: Cluster, start_operator):
+    """Once a Job exists, the ConfigMap is read rather than created again (a refused write),
+    patched when mutable settings changed, and the claim is not created again."""
+    await start_operator()
+    await cluster.apply_training("tuned", {"trainingData": "/data/a.jsonl",
+                                           "evaluation": {"minAccuracy": 0.5}})
+    prepare = await wait_for(lambda: cluster.job("tuned", "prepare"), message="prepare Job")
+    await wait_for(lambda: cluster.status("tuned").get("step") == "prepare", message="status")
+    await cluster.patch_training("tuned", {"spec": {"evaluation": {"minAccuracy": 0.8}}})
+    await wait_for(lambda: cluster.status("tuned").get("observedGeneration") == 2,
+                   message="the spec change reconciled")
+    await cluster.succeed(prepare)
+    await wait_for(lambda: cluster.job("tuned", "configure"), message="configure Job")
+    config = json.loads(cluster.get("v1/configmaps", "tuned-config")["data"]["config.json"])
+    assert config["evaluation"]["minAccuracy"] == 0.8
+    writes = writes_by_kind(cluster, "tuned")
+    assert writes["POST configmaps"] == writes["PATCH configmaps"] == 1
+    assert writes["POST persistentvolumeclaims"] == 1

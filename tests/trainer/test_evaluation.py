@@ -115,12 +115,14 @@ def test_logits_are_computed_in_chunks_and_never_kept(tokenizer, examples, monke
 # ---------------------------------------------------------------------------- the step
 
 
-def make_workspace(root: Path, *, eval_rows: int = 24, **params) -> StepContext:
-    """A workspace after prepare/configure (tiny scratch model), then the train step."""
+def make_workspace(root: Path, *, eval_rows: int = 24, data=None, **params) -> StepContext:
+    """A workspace after prepare/configure (tiny scratch model), then the train step;
+    `data(n, seed)` makes the conversations (default: `conversations`)."""
     from chatbot_trainer.train.recipe import train
 
+    data = data or conversations
     (root / "prepare").mkdir(parents=True)
-    train_rows, held_out = conversations(120, 3), conversations(eval_rows, 4)
+    train_rows, held_out = data(120, 3), data(eval_rows, 4)
     for name, rows in (("train", train_rows), ("eval", held_out)):
         (root / "prepare" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     settings = dict(
@@ -169,9 +171,11 @@ def test_evaluate_step_reports_before_and_after(trained, tmp_path, monkeypatch):
     result = run_step("evaluate", trained)
     assert result["eval_split"] == "eval" and result["passed"] is True
     metrics, base = result["metrics"], result["base_metrics"]
-    assert set(metrics) == set(base) == {"loss", "accuracy", "perplexity"}
+    assert set(metrics) == set(base) == {"loss", "accuracy", "perplexity", "fact_recall", "rouge_l"}
     assert metrics["loss"] < base["loss"] - 1.0 and metrics["accuracy"] > base["accuracy"]
-    assert result["summary"] == {"metrics": metrics, "base_metrics": base}
+    assert metrics["rouge_l"] > base["rouge_l"]
+    assert result["summary"] == {"metrics": metrics, "base_metrics": base,
+                                 "answers": {"questions": 24, "facts": 0}}
     saved = json.loads((trained.workspace / "evaluate" / "metrics.json").read_text())
     assert saved["metrics"] == metrics and saved["eval_examples"] == 24
     message = json.loads((tmp_path / "termination-log").read_text())
@@ -217,7 +221,10 @@ def test_samples_and_a_model_worse_than_its_base(trained, monkeypatch):
 
     result = evaluate.run(with_params(trained, evaluation__sample_answers=2))
     assert len(result["samples"]) == 2 and result["warnings"] == []
-    assert set(result["samples"][0]) == {"question", "reference", "base", "fine_tuned"}
+    assert set(result["samples"][0]) == {"question", "reference", "base", "fine_tuned", "base_missed",
+                                         "fine_tuned_missed"}
+    scored = {row["question"]: row["fine_tuned"] for row in result["answers"]["per_question"]}
+    assert all(scored[row["question"]] == row["fine_tuned"] for row in result["samples"])  # answered once
     assert "transformers" in result["samples_generated_with"]
 
     real_evaluate, calls = metrics.evaluate_model, []
@@ -288,3 +295,99 @@ def test_linear_cross_entropy_under_bf16_autocast_keeps_confident_gradients():
         linear_cross_entropy_sum(h, weight.to(torch.bfloat16), targets, 8).backward()
     cosine = torch.nn.functional.cosine_similarity(h.grad.float(), h_ref.grad, dim=-1)
     assert cosine.min() > 0.9999, cosine  # row by row, confident rows included
+
+
+# ---------------------------------------------------------------------------- answers
+
+
+PLANS = {"Gold": "$29", "Silver": "$19", "Bronze": "$9", "Basic": "$5"}
+
+
+def fact_conversations(n: int, seed: int) -> list[dict]:
+    """Questions whose answers hold checkable facts (a plan name, a price, a storage size)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        plan = rng.choice(sorted(PLANS))
+        turns = [{"role": "user", "content": f"how much is {plan.lower()}?"},
+                 {"role": "assistant", "content": f"The {plan} plan is {PLANS[plan]} per month."}]
+        if rng.random() < 0.5:
+            turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}, *turns]
+        out.append({"messages": turns})
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_on_facts(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("facts"), eval_rows=12, data=fact_conversations)
+
+
+def test_every_held_out_question_is_answered_and_scored(trained_on_facts):
+    from chatbot_api.status import Metrics, answer_status_metrics
+    from chatbot_trainer.steps import run_step
+
+    result = run_step("evaluate", with_params(trained_on_facts, evaluation__sample_answers=2))
+    answers = result["answers"]
+    assert answers["fine_tuned"]["questions"] == answers["base"]["questions"] == 12
+    assert len(answers["per_question"]) == 12 and answers["fine_tuned"]["facts"] == 24  # plan + price
+    for row in answers["per_question"]:
+        assert row["facts"] and set(row["fine_tuned_missed"]) <= set(row["facts"])
+        assert 0.0 <= row["fine_tuned_rouge_l"] <= 1.0
+    for key in ("metrics", "base_metrics"):
+        assert 0.0 <= result[key]["fact_recall"] <= 1.0 and 0.0 <= result[key]["rouge_l"] <= 1.0
+    assert result["metrics"]["fact_recall"] == answers["fine_tuned"]["fact_recall"]
+    saved = json.loads((trained_on_facts.workspace / "evaluate" / "metrics.json").read_text())
+    assert saved["answers"]["per_question"] == answers["per_question"]
+    status = Metrics.model_validate(answer_status_metrics(result["summary"])).to_api()
+    assert status == {"factRecall": result["metrics"]["fact_recall"], "rougeL": result["metrics"]["rouge_l"],
+                      "baseFactRecall": result["base_metrics"]["fact_recall"],
+                      "baseRougeL": result["base_metrics"]["rouge_l"]}
+    assert len(result["samples"]) == 2 and "fine_tuned_missed" in result["samples"][0]
+
+    limited = run_step("evaluate", with_params(trained_on_facts, evaluation__answer_questions=5))
+    assert limited["answers"]["fine_tuned"]["questions"] == 5
+    skipped = run_step("evaluate", with_params(trained_on_facts, evaluation__answer_questions=0))
+    assert "answers" not in skipped and "fact_recall" not in skipped["metrics"]
+    assert len(skipped["samples"]) == 3  # the samples are still answered
+
+
+def test_answer_gates_fail_and_pass_as_documented(trained_on_facts):
+    from chatbot_trainer.steps.evaluate import run
+
+    with pytest.raises(QualityThresholdNotMet, match=r"fact recall .* is below evaluation.minFactRecall 1:") as info:
+        run(with_params(trained_on_facts, evaluation__min_fact_recall=1.0, evaluation__sample_answers=0))
+    assert info.value.exit_code == 3
+    saved = json.loads((trained_on_facts.workspace / "evaluate" / "metrics.json").read_text())
+    assert saved["passed"] is False and "minFactRecall" in saved["failures"][0]
+    with pytest.raises(QualityThresholdNotMet, match="answer ROUGE-L .* is below evaluation.minAnswerScore 1:"):
+        run(with_params(trained_on_facts, evaluation__min_answer_score=1.0, evaluation__sample_answers=0))
+    with pytest.raises(QualityThresholdNotMet, match="evaluation.minFactRecall is set but no held-out question"):
+        run(with_params(trained_on_facts, evaluation__min_fact_recall=0.1, evaluation__answer_questions=0))
+    passed = run(with_params(trained_on_facts, evaluation__min_fact_recall=0.0, evaluation__min_answer_score=0.0,
+                             evaluation__sample_answers=0))
+    assert passed["passed"] is True and passed["thresholds"]["min_fact_recall"] == 0.0
+
+
+def test_answers_worse_than_the_base_are_a_warning_or_a_failure(trained_on_facts, monkeypatch):
+    from chatbot_trainer.evaluate import samples
+    from chatbot_trainer.steps import evaluate
+
+    real_generate, calls = samples.generate_answers, []
+
+    def fine_tuned_answers_wrong(model, tokenizer, questions, **kwargs):  # the fine-tune answers first
+        calls.append(model)
+        if len(calls) % 2:
+            return ["I do not know." for _ in questions]
+        return [q["reference"] for q in questions]  # a base that knows everything
+
+    monkeypatch.setattr(samples, "generate_answers", fine_tuned_answers_wrong)
+    warned = evaluate.run(with_params(trained_on_facts, evaluation__sample_answers=0))
+    assert warned["passed"] is True
+    assert warned["metrics"]["fact_recall"] == 0.0 and warned["base_metrics"]["fact_recall"] == 1.0
+    [warning] = [w for w in warned["warnings"] if "answers are worse" in w]
+    assert "fact recall 0.000 vs 1.000" in warning and warned["summary"]["warnings"] == warned["warnings"]
+    saved = json.loads((trained_on_facts.workspace / "evaluate" / "metrics.json").read_text())
+    assert warning in saved["warnings"]
+    with pytest.raises(QualityThresholdNotMet, match="answers are worse.*evaluation.requireImprovement is set"):
+        evaluate.run(with_params(trained_on_facts, evaluation__require_improvement=True, evaluation__sample_answers=0))
+    assert real_generate is not samples.generate_answers

@@ -32,9 +32,11 @@ def local_run(tmp_path_factory):
 
 def test_prints_and_writes_the_seed_output(local_run, capsys):
     result = json.loads((local_run / "result.json").read_text())
-    assert set(result) == {"model", "metrics"}
+    assert set(result) == {"model", "metrics", "base_metrics", "training", "warnings"}
     assert set(result["model"]) == {"path", "format", "size_mb"}
-    assert set(result["metrics"]) == {"loss", "accuracy", "perplexity"}
+    assert set(result["metrics"]) == set(result["base_metrics"]) == {
+        "loss", "accuracy", "perplexity", "fact_recall", "rouge_l"}
+    assert result["training"]["steps"] == 40 and result["training"]["learning_rate"] == 0.003
     assert result["model"]["format"] == "gguf"
     gguf = Path(result["model"]["path"])
     assert gguf.is_file() and gguf.name == "bot.f16.gguf"
@@ -48,6 +50,9 @@ def test_details_show_data_report_timings_config_and_learning(local_run):
     assert details["data"]["malformed"] == 3 and details["data"]["dropped"]["duplicate"] >= 1
     assert set(details["timings_seconds"]) == {"prepare", "configure", "train", "evaluate", "export"}
     assert details["config"]["params"]["trainingSteps"] == 40
+    answers = details["answers"]
+    assert answers["fine_tuned"]["questions"] == answers["held_out_questions"] == len(answers["per_question"]) == 61
+    assert details["metrics"]["fact_recall"] == answers["fine_tuned"]["fact_recall"]
     assert "tiny-gpt" in details["base_model"]
     # The model learned: eval loss below the base model's, training loss fell.
     assert details["metrics"]["loss"] < details["base_metrics"]["loss"]

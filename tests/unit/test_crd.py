@@ -334,6 +334,10 @@ RULE_CASES = {
     "warmupSteps must be less than trainingSteps": (
         [minimal(trainingSteps=100, warmupSteps=99), minimal(trainingSteps=100, warmupSteps=0)],
         minimal(trainingSteps=100, warmupSteps=100)),
+    "trainingSteps and epochs are mutually exclusive: set one of them, epochs counts passes over "
+    "the packed training data": (
+        [minimal(trainingSteps=100), minimal(epochs=2.5), minimal(epochs=3, warmupSteps=5), minimal()],
+        minimal(trainingSteps=100, epochs=3)),
     "workspace.existingClaim and workspace.storageClassName are mutually exclusive": (
         [minimal(workspace={"existingClaim": "a"}), minimal(workspace={"storageClassName": "b"})],
         minimal(workspace={"existingClaim": "a", "storageClassName": "b"})),

@@ -19,7 +19,17 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def test_seed_defaults():
     params = trainer_params({"training_data": "x.jsonl"})
     assert (params.model_type, params.training_steps, params.batch_size, params.learning_rate) == (
-        "gpt", 1000, 8, 0.0001)
+        "gpt", 1000, 8, None)  # the learning rate is the base model's default (configure step)
+
+
+def test_epochs_instead_of_training_steps():
+    params = trainer_params({"training_data": "x.jsonl", "epochs": 2.5})
+    assert (params.epochs, params.training_steps) == (2.5, None)
+    assert "trainingSteps" not in params.to_api() and params.to_api()["epochs"] == 2.5
+    with pytest.raises(InvalidConfig, match="trainingSteps and epochs are mutually exclusive"):
+        trainer_params({"training_data": "x.jsonl", "epochs": 2, "training_steps": 100})
+    with pytest.raises(InvalidConfig, match="epochs: Input should be greater than 0"):
+        trainer_params({"training_data": "x.jsonl", "epochs": 0})
 
 
 @pytest.mark.parametrize(

@@ -33,9 +33,10 @@ SEED_FLAGS: dict[str, dict[str, Any]] = {
     "training_data": {"help": "chat data: JSONL/JSON file, pvc://, https:// or s3:// (required)"},
     "model_type": {"help": "base model: preset (gpt, llama, qwen2, mistral, smollm, scratch-gpt, "
                    "scratch-llama), hub id or local directory (default: gpt)"},
-    "training_steps": {"type": int, "help": "optimizer steps (default: 1000)"},
+    "training_steps": {"type": int, "help": "optimizer steps (default: 1000; or use --epochs)"},
     "batch_size": {"type": int, "help": "conversations per step (default: 8)"},
-    "learning_rate": {"type": float, "help": "peak learning rate (default: 0.0001)"},
+    "learning_rate": {"type": float, "help": "peak learning rate (default: the base model's, e.g. "
+                      "0.0003 for models up to 1B parameters; see README)"},
 }
 
 
@@ -55,6 +56,8 @@ def build_run_parser() -> argparse.ArgumentParser:
                      "ChatbotTraining manifest or a plain mapping; flags override it")
     for name, kwargs in SEED_FLAGS.items():
         run.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, **kwargs)
+    run.add_argument("--epochs", type=float, help="passes over the training data instead of "
+                     "--training_steps (resolved to steps from the packed data; may be fractional)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="any other setting, e.g. --set lora.rank=8 --set maxSeqLength=256")
     run.add_argument("--name", help="run name, used for file names (default: from -f or 'chatbot')")
@@ -85,6 +88,13 @@ def training_main(argv: list[str] | None = None) -> int:
             value = getattr(args, name)
             if value is not None:
                 data[name] = value
+        if args.epochs is not None and args.training_steps is not None:
+            raise StepError("--epochs and --training_steps are mutually exclusive: give one", exit_code=2)
+        if args.epochs is not None:  # a flag overrides the file: its trainingSteps goes
+            data = {k: v for k, v in data.items() if k not in ("trainingSteps", "training_steps")}
+            data["epochs"] = args.epochs
+        elif args.training_steps is not None:
+            data.pop("epochs", None)
         for item in args.set:
             key, sep, value = item.partition("=")
             if not sep:
@@ -110,6 +120,9 @@ def training_main(argv: list[str] | None = None) -> int:
 
         print(summary_text(details), file=sys.stderr)
         print(f"details: {Path(args.output) / 'details.json'}", file=sys.stderr)
+    else:  # warnings reach stderr even when quiet
+        for warning in output.get("warnings") or []:
+            print(f"WARNING: {warning}", file=sys.stderr)
     print(json.dumps(output, indent=2))
     return 0
 

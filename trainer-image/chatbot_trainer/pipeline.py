@@ -55,14 +55,45 @@ def prepare_workspace(workspace: Path, params: TrainingParams, resume: bool) -> 
     write_json_atomic(marker, {"fingerprint": fingerprint, "params": params.to_api()})
 
 
+OUTPUT_METRICS = ("loss", "accuracy", "perplexity", "fact_recall", "rouge_l")
+
+
 def seed_output(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The seed workflow's output JSON."""
+    """The seed workflow's output JSON, with the answer metrics (fact recall, ROUGE-L) beside the
+    loss, the base model's metrics, the training length and learning rate that were used, and
+    every warning of the run."""
     model = results["export"]["summary"]["model"]
-    metrics = results["evaluate"]["summary"]["metrics"]
-    return {
+    summary = results["evaluate"]["summary"]
+    configure = results["configure"]
+    output = {
         "model": {"path": model["path"], "format": model["format"], "size_mb": model["size_mb"]},
-        "metrics": {k: metrics[k] for k in ("loss", "accuracy", "perplexity")},
+        "metrics": {k: summary["metrics"][k] for k in OUTPUT_METRICS if k in summary["metrics"]},
     }
+    base = summary.get("base_metrics") or {}
+    if base:
+        output["base_metrics"] = {k: base[k] for k in OUTPUT_METRICS if k in base}
+    if configure.get("training_steps") is not None:
+        output["training"] = {
+            "steps": configure["training_steps"],
+            "steps_from": configure.get("training_steps_reason"),
+            "learning_rate": configure.get("learning_rate"),
+            "learning_rate_from": configure.get("learning_rate_reason"),
+        }
+    output["warnings"] = run_warnings(results)
+    return output
+
+
+def run_warnings(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Every step's warnings, in step order, each once."""
+    warnings: list[str] = []
+    for step in STEPS:
+        result = results.get(step) or {}
+        found = [*(result.get("warnings") or []), *((result.get("summary") or {}).get("warnings") or []),
+                 *((result.get("chat_template") or {}).get("warnings") or [])]
+        for warning in found:
+            if warning not in warnings:
+                warnings.append(warning)
+    return warnings
 
 
 def run_pipeline(
@@ -113,8 +144,8 @@ def run_pipeline(
         "base_model": results["configure"]["base_model"]["label"],
         "base_model_import": results["configure"].get("base_model_import"),
         "base_metrics": evaluated["summary"].get("base_metrics"),
-        "warnings": [*results["configure"].get("chat_template", {}).get("warnings", []),
-                     *evaluated.get("warnings", [])],
+        "warnings": output["warnings"],
+        "answers": evaluated.get("answers"),
         "chat_template": results["configure"].get("chat_template"),
         "eval_examples": evaluated.get("eval_examples"),
         "samples": sample_rows(evaluated, exported),
@@ -124,8 +155,9 @@ def run_pipeline(
         "files": results["export"]["summary"]["model"].get("files"),
         "modelfile": results["export"]["summary"]["model"].get("modelfile"),
         "loss_curve": exported.get("loss_curve"),
-        "config": {k: results["configure"][k] for k in (
-            "params", "device", "precision", "micro_batch_size", "gradient_accumulation_steps",
+        "config": {k: results["configure"].get(k) for k in (
+            "params", "training_steps", "training_steps_reason", "learning_rate", "learning_rate_reason",
+            "device", "precision", "micro_batch_size", "gradient_accumulation_steps",
             "warmup_steps", "target_modules", "train_base_weights", "architecture")},
         "precision_reason": results["train"].get("precision_reason"),
         "modelfile_system": exported.get("modelfile_system"),
@@ -160,6 +192,10 @@ def summary_text(details: dict[str, Any], width: int = 100) -> str:
     import textwrap
 
     lines = [f"base model: {details['base_model']}"]
+    config = details.get("config") or {}
+    if config.get("training_steps") is not None:
+        lines.append(f"trained {config['training_steps']} steps ({config.get('training_steps_reason')}) at "
+                     f"learning rate {config.get('learning_rate'):g} ({config.get('learning_rate_reason')})")
     base, after = details.get("base_metrics") or {}, details["metrics"]
     if base:
         lines.append(
@@ -167,6 +203,13 @@ def summary_text(details: dict[str, Any], width: int = 100) -> str:
             f"loss {base['loss']:.3f} → {after['loss']:.3f}, accuracy {base['accuracy']:.3f} → "
             f"{after['accuracy']:.3f}, perplexity {base['perplexity']:.2f} → {after['perplexity']:.2f}"
         )
+    answers = details.get("answers")
+    if answers:
+        tuned, before = answers["fine_tuned"], answers["base"]
+        recall = (f"fact recall {_share(before['fact_recall'])} → {_share(tuned['fact_recall'])} "
+                  f"({before['facts_stated']} → {tuned['facts_stated']} of {tuned['facts']} facts)")
+        lines.append(f"answers to {tuned['questions']} held-out questions, base → fine-tuned: {recall}, "
+                     f"ROUGE-L {_number(before['rouge_l'])} → {_number(tuned['rouge_l'])}")
     for warning in details.get("warnings") or []:
         lines.append(f"WARNING: {warning}")
     if details.get("samples"):
@@ -177,12 +220,23 @@ def summary_text(details: dict[str, Any], width: int = 100) -> str:
         for key, label in labels:
             if key in row:
                 text = " ".join(str(row[key]).split()) or "(empty)"
+                missed = row.get(f"{key}_missed")
+                if missed:
+                    text += f" [missed: {', '.join(missed)}]"
                 lines.append(textwrap.shorten(f"  {label:>10}: {text}", width=width, placeholder=" …"))
         lines.append("")
     if details.get("loss_curve"):
         lines.append(f"loss curve: {details['loss_curve']}")
     lines.append(f"model: {details['model']['path']} ({details['model']['size_mb']} MiB)")
     return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _one_line(summary: dict[str, Any]) -> str:

@@ -2,9 +2,11 @@
 
 Everything the later steps need is decided here and written to `configure/config.json`, so a
 run can be read back and reproduced: the base model (and, for a model built from a config or
-dequantized from a GGUF file, the model itself, saved under `configure/base-model/`), warmup, LoRA target modules, and the
-device, precision and micro-batch size for the hardware configure sees (train and evaluate
-decide those again on their own nodes: see train/hardware.py). Checks that can fail early do so here
+dequantized from a GGUF file, the model itself, saved under `configure/base-model/`), the
+number of training steps (``epochs`` resolved over the packed training sequences) and the peak
+learning rate (learningRate, or the base model's default: train/defaults.py), warmup, LoRA
+target modules, and the device, precision and micro-batch size for the hardware configure sees
+(train and evaluate decide those again on their own nodes: see train/hardware.py). Checks that can fail early do so here
 (unknown model, an architecture the GGUF export does not support) rather than after training.
 """
 
@@ -14,13 +16,14 @@ import math
 from typing import Any
 
 from chatbot_trainer.data.dataset import load_jsonl
-from chatbot_trainer.errors import ModelNotFound
+from chatbot_trainer.errors import InvalidConfig, InvalidData, ModelNotFound
 from chatbot_trainer.model.base_models import (
     ModelNotFoundError,
     materialize_base_model,
     resolve_base_model,
 )
 from chatbot_trainer.train import hardware
+from chatbot_trainer.train.defaults import resolve_learning_rate, resolve_training_steps
 from chatbot_trainer.workspace import StepContext, write_json_atomic
 
 
@@ -73,19 +76,31 @@ def _import_gguf(choice, out, show_progress: bool) -> dict[str, Any]:
     return {**info, "source": location}
 
 
-def _check_chat_template(base_path: str, label: str, data_report: dict[str, Any], params) -> dict[str, Any]:
+def _check_chat_template(tokenizer, label: str, data_report: dict[str, Any], params) -> dict[str, Any]:
     """Before training: can the template express the data's tool calls; its default system prompt."""
     from chatbot_trainer.data.chat_templates import check_chat_template
-    from chatbot_trainer.model.loading import load_tokenizer_with_template
 
-    tokenizer, _ = load_tokenizer_with_template(base_path, params.chat_template, label)
     return check_chat_template(tokenizer, label, data_report, params.data.max_bad_line_fraction,
                                chat_template=params.chat_template)
 
 
+def _count_train_sequences(tokenizer, train_path: str, params) -> int:
+    """The packed (or padded) training sequences, as the train step builds them."""
+    from chatbot_trainer.data.packing import build_sequences
+    from chatbot_trainer.data.tokenization import tokenize_dataset
+
+    examples, tokenization = tokenize_dataset(tokenizer, load_jsonl(train_path), params.max_seq_length)
+    if not examples:
+        raise InvalidData(
+            f"no training conversation fits maxSeqLength {params.max_seq_length} with assistant tokens "
+            f"({tokenization}): raise maxSeqLength or check the data"
+        )
+    return len(build_sequences(examples, params.max_seq_length, params.packing))
+
+
 def run(ctx: StepContext) -> dict[str, Any]:
     prepared = ctx.read_result("prepare")
-    from chatbot_trainer.model.loading import default_target_modules
+    from chatbot_trainer.model.loading import default_target_modules, load_tokenizer_with_template
 
     params = ctx.params
     out = ctx.step_dir("configure")
@@ -107,10 +122,19 @@ def run(ctx: StepContext) -> dict[str, Any]:
     hf_config = _hf_config(base_path)
     architecture = (hf_config.architectures or [type(hf_config).__name__])[0]
     gguf_architecture = _check_exportable(base_path)
-    chat_template = _check_chat_template(base_path, base_label, prepared["report"], params)
+    tokenizer, _ = load_tokenizer_with_template(base_path, params.chat_template, base_label)
+    chat_template = _check_chat_template(tokenizer, base_label, prepared["report"], params)
+    length = resolve_training_steps(
+        params, lambda: _count_train_sequences(tokenizer, prepared["train_path"], params))
+    steps = length["training_steps"]
+    if params.warmup_steps is not None and params.warmup_steps >= steps:
+        raise InvalidConfig(f"warmupSteps {params.warmup_steps} must be less than the {steps} training "
+                            f"steps ({length['training_steps_reason']})")
+    learning_rate, learning_rate_reason = resolve_learning_rate(
+        params, hf_config.to_dict(), scratch=choice.source == "scratch")
 
     node = hardware.resolve(params, model_config=hf_config.to_dict())  # train/evaluate resolve again on their nodes
-    warmup = params.warmup_steps if params.warmup_steps is not None else math.ceil(0.03 * params.training_steps)
+    warmup = params.warmup_steps if params.warmup_steps is not None else math.ceil(0.03 * steps)
     target_modules = (
         params.lora.target_modules or default_target_modules(hf_config.model_type) or "all-linear"
     )
@@ -120,6 +144,9 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "base_model": {**choice.to_dict(), "label": base_label},
         "base_model_path": base_path,
         "base_model_import": imported,
+        **length,
+        "learning_rate": learning_rate,
+        "learning_rate_reason": learning_rate_reason,
         "architecture": architecture,
         "gguf_architecture": gguf_architecture,
         **node,
@@ -134,6 +161,8 @@ def run(ctx: StepContext) -> dict[str, Any]:
         **config,
         "summary": {
             "base_model": base_label,
+            "training_steps": steps,
+            "learning_rate": learning_rate,
             "device": node["device"],
             "precision": node["precision"],
             "micro_batch_size": node["micro_batch_size"],

@@ -1,12 +1,15 @@
-"""Step 4, evaluate: loss, token accuracy and perplexity on the held-out conversations.
+"""Step 4, evaluate: loss, token accuracy and perplexity on the held-out conversations, and the
+answers themselves: fact recall and ROUGE-L against the data's answers (evaluate/answers.py).
 
 The fine-tuned model and the base model (before fine-tuning) are evaluated on the same
-tokenized examples, so the result shows before → after. ``evaluate/metrics.json`` is written
-before the quality thresholds (``evaluation.maxLoss``, ``evaluation.minAccuracy``) are checked,
-so a failed run still shows what it reached. A fine-tuned eval loss that is not below the base
-model's is a warning in the result (and the operator's status), and fails the step with
-``evaluation.requireImprovement``. A few held-out questions (``evaluation.sampleAnswers``) are
-answered greedily by both models and kept side by side with the data's own answers. With an empty eval split (tiny data sets, or
+tokenized examples and answer the same held-out questions (``evaluation.answerQuestions``,
+greedy), so the result shows before → after; ``evaluation.sampleAnswers`` of those answers are
+kept side by side with the data's own. ``evaluate/metrics.json`` is written before the quality
+thresholds (``evaluation.maxLoss``, ``minAccuracy``, ``minFactRecall``, ``minAnswerScore``) are
+checked, so a failed run still shows what it reached, with the facts each answer missed. A
+fine-tuned eval loss that is not below the base model's, or answers with a lower fact recall or
+ROUGE-L than the base's, is a warning in the result (and the operator's status), and fails the
+step with ``evaluation.requireImprovement``. With an empty eval split (tiny data sets, or
 ``data.evalFraction: 0``) a deterministic sample of the training split is used and the result
 says so (``"eval_split": "train-sample"``). While it runs, the batches done are served as live
 progress (train/progress_server.py); the results also go to TensorBoard beside the training's.
@@ -14,12 +17,14 @@ progress (train/progress_server.py); the results also go to TensorBoard beside t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from chatbot_trainer.errors import InvalidConfig, InvalidData, QualityThresholdNotMet
+from chatbot_trainer.evaluate.samples import MAX_NEW_TOKENS
 from chatbot_trainer.train import hardware
 from chatbot_trainer.train.monitor import record_evaluation
 from chatbot_trainer.train.progress_server import ProgressBoard, serving
@@ -61,19 +66,38 @@ def _rounded(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: round(float(metrics[k]), 6) for k in ("loss", "accuracy", "perplexity")}
 
 
-def check_thresholds(metrics: dict[str, float], evaluation) -> list[str]:
+def check_thresholds(metrics: dict[str, Any], evaluation) -> list[str]:
     """One message per threshold the metrics miss (empty when all pass)."""
     problems = []
     if evaluation.max_loss is not None and metrics["loss"] > evaluation.max_loss:
         problems.append(
             f"eval loss {metrics['loss']:.4g} is above evaluation.maxLoss {evaluation.max_loss:g}: "
-            "train longer (trainingSteps), raise learningRate or check the data"
+            "train longer (trainingSteps or epochs), raise learningRate or check the data"
         )
     if evaluation.min_accuracy is not None and metrics["accuracy"] < evaluation.min_accuracy:
         problems.append(
             f"eval token accuracy {metrics['accuracy']:.4g} is below evaluation.minAccuracy "
-            f"{evaluation.min_accuracy:g}: train longer (trainingSteps), raise learningRate or check the data"
+            f"{evaluation.min_accuracy:g}: train longer (trainingSteps or epochs), raise learningRate or "
+            "check the data"
         )
+    for key, threshold, name, what in (
+        ("fact_recall", evaluation.min_fact_recall, "minFactRecall", "fact recall"),
+        ("rouge_l", evaluation.min_answer_score, "minAnswerScore", "answer ROUGE-L"),
+    ):
+        if threshold is None:
+            continue
+        value = metrics.get(key)
+        if value is None:
+            reason = ("no held-out answer has a checkable fact" if key == "fact_recall" and
+                      evaluation.answer_questions else "no held-out question was answered "
+                      "(evaluation.answerQuestions is 0 or no held-out conversation ends in an answer)")
+            problems.append(f"evaluation.{name} is set but {reason}")
+        elif value < threshold:
+            problems.append(
+                f"{what} {value:.4g} on the held-out questions is below evaluation.{name} {threshold:g}: "
+                "train longer (epochs), raise learningRate or lora.rank, or check the data "
+                "(details: evaluate/metrics.json, answers.per_question)"
+            )
     return problems
 
 
@@ -81,12 +105,9 @@ def run(ctx: StepContext) -> dict[str, Any]:
     import torch
 
     from chatbot_trainer.data.tokenization import tokenize_dataset
+    from chatbot_trainer.evaluate.answers import answer_report, answers_warning, held_out_questions
     from chatbot_trainer.evaluate.metrics import evaluate_model
-    from chatbot_trainer.evaluate.samples import (
-        generate_answers,
-        sample_questions,
-        side_by_side,
-    )
+    from chatbot_trainer.evaluate.samples import generate_answers, sample_questions, side_by_side
     from chatbot_trainer.model.loading import load_base_model, load_trained_model
 
     params = ctx.params
@@ -125,25 +146,36 @@ def run(ctx: StepContext) -> dict[str, Any]:
         device=device,
         pad_token_id=tokenizer.pad_token_id,
     )
-    questions = sample_questions(conversations, params.evaluation.sample_answers, params.seed)
+    # Scored questions: the first answerQuestions held-out questions; the samples shown are a
+    # deterministic choice of them (answered alone when answerQuestions is 0).
+    all_questions = held_out_questions(conversations)
+    scored = all_questions[:params.evaluation.answer_questions]
+    questions = sample_questions(scored or all_questions, params.evaluation.sample_answers, params.seed)
+    to_answer = scored or questions
     board = ProgressBoard("evaluate", "batches")  # fine-tuned model's batches, then the base's
+    timings: dict[str, float] = {}
     try:
         with serving(board):
             metrics = evaluate_model(model, examples, **settings,
                                      on_batch=lambda done, total: board.update(done, 2 * total))
             board.pause("sample answers of the fine-tuned model")
-            fine_tuned_answers = generate_answers(model, tokenizer, questions)
+            started = time.perf_counter()
+            fine_tuned_answers = generate_answers(model, tokenizer, to_answer)
+            timings["fine_tuned"] = time.perf_counter() - started
             del model
             board.pause("loading the base model")
             base_model = load_base_model(trained, device=device, dtype=dtype)
             base_metrics = evaluate_model(base_model, examples, **settings,
                                           on_batch=lambda done, total: board.update(total + done, 2 * total))
             board.pause("sample answers of the base model")
-            base_answers = generate_answers(base_model, tokenizer, questions)
+            started = time.perf_counter()
+            base_answers = generate_answers(base_model, tokenizer, to_answer)
+            timings["base"] = time.perf_counter() - started
             del base_model
     except ValueError as exc:  # e.g. a model that cannot keep packed examples apart
         raise InvalidConfig(str(exc)) from exc
 
+    position = {id(q): i for i, q in enumerate(to_answer)}
     report = {
         "metrics": _rounded(metrics),
         "base_metrics": _rounded(base_metrics),
@@ -154,26 +186,60 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "thresholds": {
             "max_loss": params.evaluation.max_loss,
             "min_accuracy": params.evaluation.min_accuracy,
+            "min_fact_recall": params.evaluation.min_fact_recall,
+            "min_answer_score": params.evaluation.min_answer_score,
             "require_improvement": params.evaluation.require_improvement,
         },
-        "samples": side_by_side(questions, base=base_answers, fine_tuned=fine_tuned_answers),
+        "samples": side_by_side(questions, base=[base_answers[position[id(q)]] for q in questions],
+                                fine_tuned=[fine_tuned_answers[position[id(q)]] for q in questions]),
         "sample_questions": questions,
         "samples_generated_with": "transformers (merged model and base model, greedy)",
     }
+    warnings = []
     not_improved = improvement_warning(report["metrics"], report["base_metrics"])
-    report["warnings"] = [not_improved] if not_improved else []
-    problems = check_thresholds(metrics, params.evaluation)
-    if not_improved and params.evaluation.require_improvement:
-        problems.append(f"{not_improved} (evaluation.requireImprovement is set)")
+    if not_improved:
+        warnings.append(not_improved)
+    if scored:
+        answers = answer_report(scored, base=base_answers, fine_tuned=fine_tuned_answers)
+        answers["seconds"] = {k: round(v, 2) for k, v in timings.items()}
+        answers["generated_with"] = "transformers (merged model and base model, greedy, " \
+            f"at most {MAX_NEW_TOKENS} new tokens)"
+        answers["held_out_questions"] = len(all_questions)
+        report["answers"] = answers
+        for name, model_metrics in (("metrics", report["metrics"]), ("base_metrics", report["base_metrics"])):
+            scores = answers["fine_tuned" if name == "metrics" else "base"]
+            model_metrics.update(fact_recall=scores["fact_recall"], rouge_l=scores["rouge_l"])
+        worse = answers_warning(answers)
+        if worse:
+            warnings.append(worse)
+        _mark_misses(report["samples"], questions, scored, answers)
+    report["warnings"] = warnings
+    problems = check_thresholds(report["metrics"], params.evaluation)
+    if warnings and params.evaluation.require_improvement:
+        problems += [f"{warning} (evaluation.requireImprovement is set)" for warning in warnings]
     report["passed"] = not problems
+    if problems:
+        report["failures"] = problems
     write_json_atomic(out / "metrics.json", report)
-    record_evaluation(ctx.workspace, params.training_steps, report["metrics"], report["base_metrics"])
+    record_evaluation(ctx.workspace, configure.get("training_steps") or params.training_steps or 0,
+                      report["metrics"], report["base_metrics"])
     if problems:
         raise QualityThresholdNotMet("; ".join(problems))
     summary = {"metrics": report["metrics"], "base_metrics": report["base_metrics"]}
+    if "answers" in report:
+        summary["answers"] = {k: report["answers"]["fine_tuned"][k] for k in ("questions", "facts")}
     if report["warnings"]:
         summary["warnings"] = report["warnings"]
     return {**report, "metrics_path": str(out / "metrics.json"), "summary": summary}
+
+
+def _mark_misses(samples: list[dict[str, Any]], questions, scored, answers: dict[str, Any]) -> None:
+    """The facts each sample answer missed, beside the answer."""
+    where = {id(q): i for i, q in enumerate(scored)}
+    for row, question in zip(samples, questions):
+        scored_row = answers["per_question"][where[id(question)]]
+        row["fine_tuned_missed"] = scored_row["fine_tuned_missed"]
+        row["base_missed"] = scored_row["base_missed"]
 
 
 def improvement_warning(metrics: dict[str, float], base_metrics: dict[str, float]) -> str | None:
