@@ -9,6 +9,8 @@
 #   scripts/images.sh engine                         print the engine after the set-up below
 #   scripts/images.sh name operator|trainer [--torch cpu]   print an image's local name
 #   scripts/images.sh install                        install buildah, podman and runc (root, apt)
+#   scripts/images.sh prune                          podman/buildah: remove the layer cache and the
+#                                                    working containers of interrupted builds
 #
 # Images are named as the chart's defaults (ghcr.io/chatbot-training/operator:<appVersion>,
 # .../trainer:<appVersion>), so a cluster that loads them runs the chart unchanged.
@@ -349,5 +351,10 @@ case $command in
   env) pick_engine; echo "ENGINE=$ENGINE"; [ -n "${CONTAINERS_CONF:-}" ] \
         && echo "CONTAINERS_CONF=$CONTAINERS_CONF" && echo "CONTAINERS_STORAGE_CONF=$CONTAINERS_STORAGE_CONF" \
         && echo "BUILDAH_ISOLATION=$BUILDAH_ISOLATION"; true ;;
-  *) die "unknown command $command (build, push, save, engine, env, base, name, install)" ;;
+  prune) pick_engine
+         case $ENGINE in
+           docker) die "docker keeps its own store: docker builder prune" ;;
+           *) buildah rm --all >/dev/null; buildah rmi --prune >/dev/null; du -sh "$STATE" ;;
+         esac ;;
+  *) die "unknown command $command (build, push, save, engine, env, base, name, install, prune)" ;;
 esac
