@@ -10,7 +10,7 @@ scripts/bootstrap.sh --trainer
 # third of the 442 training conversations), in bf16 autocast where the CPU has native bf16
 # (precision auto, fp32 elsewhere), on every core: about 2 minutes of training on 2 cores.
 # The learning rate is the base model's default (3e-4 for a model of its size) unless DEMO_LR
-# sets one. The evaluate step answers DEMO_QUESTIONS (16) held-out questions with both models and
+# sets one. The evaluate step answers DEMO_QUESTIONS (8) held-out questions with both models and
 # prints fact recall and ROUGE-L, base → fine-tuned, beside the loss.
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 exec .venv/bin/chatbot-training run \
@@ -19,7 +19,7 @@ exec .venv/bin/chatbot-training run \
   --training_steps "${DEMO_STEPS:-32}" \
   --batch_size 4 \
   ${DEMO_LR:+--learning_rate "$DEMO_LR"} \
-  --set evaluation.answerQuestions="${DEMO_QUESTIONS:-16}" \
+  --set evaluation.answerQuestions="${DEMO_QUESTIONS:-8}" \
   --set maxSeqLength=128 \
   --set logEvery=10 \
   --name support-bot \
