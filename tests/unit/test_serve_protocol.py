@@ -131,7 +131,8 @@ def test_cgroup_cpu_limit_caps_the_threads(tmp_path):
 # ----------------------------------------------------------------------------- routes
 
 
-async def call(app, method: str, path: str, body: bytes = b"", headers=()) -> tuple[int, dict]:
+async def exchange(app, method: str, path: str, body: bytes = b"", headers=()) -> tuple[dict, bytes]:
+    """One request through the ASGI app: the response's start message and its whole body."""
     sent: list[dict] = []
     messages = [{"type": "http.request", "body": body, "more_body": False}]
 
@@ -147,6 +148,11 @@ async def call(app, method: str, path: str, body: bytes = b"", headers=()) -> tu
     await app(scope, receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
     payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start, payload
+
+
+async def call(app, method: str, path: str, body: bytes = b"", headers=()) -> tuple[int, dict]:
+    start, payload = await exchange(app, method, path, body, headers)
     return start["status"], json.loads(payload)
 
 
@@ -207,21 +213,7 @@ class FakeModel:
 
 
 async def stream_call(app, body: dict) -> tuple[int, list, dict]:
-    sent: list[dict] = []
-    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
-
-    async def receive():
-        if messages:
-            return messages.pop(0)
-        await asyncio.sleep(3600)
-
-    async def send(message):
-        sent.append(message)
-
-    await app({"type": "http", "method": "POST", "path": "/v1/chat/completions",
-               "headers": []}, receive, send)
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    start, payload = await exchange(app, "POST", "/v1/chat/completions", json.dumps(body).encode())
     events = [line.removeprefix("data: ") for line in payload.decode().splitlines()
               if line.startswith("data: ")]
     return start["status"], events, dict(start["headers"]) | {b"body": payload}
