@@ -92,6 +92,9 @@ class LoRAFinetuneRecipe:
         self._setup_model()
         self._setup_execution()
         self._setup_optimizer()
+        # the mode the worker plan chose, with the optimizer's gradient scaler (fp16 on a GPU)
+        self.execution = execution.for_workers(self.workers, self.forward_loss, [p for _, p in self.trainable],
+                                               self.ranks, self.plan, self.scaler)
         self._setup_lr_scheduler()
         self._resume()
         self._setup_reporting()
@@ -220,7 +223,8 @@ class LoRAFinetuneRecipe:
         return blas
 
     def _setup_optimizer(self) -> None:
-        """AdamW, weight decay on matrices only; fused where the device and the ranks allow."""
+        """AdamW, weight decay on matrices only, fused where the device and the ranks allow; the
+        gradient scaler of fp16 on a GPU."""
         import torch
 
         decay = [p for _, p in self.trainable if p.ndim >= 2]
@@ -234,8 +238,6 @@ class LoRAFinetuneRecipe:
             self.optimizer = torch.optim.AdamW(groups, lr=self.params.learning_rate)
         self.scaler = (torch.amp.GradScaler("cuda")
                        if (self.device == "cuda" and self.plan.precision == "fp16") else None)
-        self.execution = execution.for_workers(self.workers, self.forward_loss, [p for _, p in self.trainable],
-                                               self.ranks, self.plan, self.scaler)
 
     def _setup_lr_scheduler(self) -> None:
         from transformers import get_scheduler
