@@ -15,8 +15,8 @@ Command-line flags of `chatbot-operator` override the environment (see `__main__
 | CHATBOT_DEFAULT_TOLERATIONS | [] | JSON list added to spec.tolerations (train/evaluate) |
 | CHATBOT_STEP_UID | 1000 | non-root uid/gid/fsGroup of the step pods |
 | CHATBOT_RESYNC_SECONDS | 60 | period of the safety re-check of each running training |
-| CHATBOT_SERVER_IMAGE | ghcr.io/ggml-org/llama.cpp:server-b8840 | llama.cpp server image of spec.serve (spec.serve.image overrides) |
-| CHATBOT_SERVER_CUDA_IMAGE | ghcr.io/ggml-org/llama.cpp:server-cuda-b8840 | the same with CUDA, for spec.serve.gpus > 0 |
+| CHATBOT_SERVER_IMAGE | ghcr.io/ggml-org/llama.cpp:server-b11312 | llama.cpp server image of spec.serve (spec.serve.image overrides) |
+| CHATBOT_SERVER_CUDA_IMAGE | ghcr.io/ggml-org/llama.cpp:server-cuda-b11312 | the same with CUDA, for spec.serve.gpus > 0 |
 | CHATBOT_PROGRESS_SECONDS | 10 | how often the live progress of a running train/evaluate step is read (at most) |
 | CHATBOT_PROGRESS_PORT | 8470 | port the train/evaluate pods serve live progress on (0: not served, not read) |
 """
@@ -30,8 +30,10 @@ from collections.abc import Mapping
 from typing import Any
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/chatbot-training/trainer:0.1.0"
-DEFAULT_SERVER_IMAGE = "ghcr.io/ggml-org/llama.cpp:server-b8840"
-DEFAULT_SERVER_CUDA_IMAGE = "ghcr.io/ggml-org/llama.cpp:server-cuda-b8840"
+# llama.cpp build b11312 (commit 0c1e570): the llama.cpp that the pinned llama-cpp-python vendors,
+# that `chatbot-training serve` and the tests run, and that scripts/llama-server.sh builds.
+DEFAULT_SERVER_IMAGE = "ghcr.io/ggml-org/llama.cpp:server-b11312"
+DEFAULT_SERVER_CUDA_IMAGE = "ghcr.io/ggml-org/llama.cpp:server-cuda-b11312"
 DEFAULT_PEERING_NAME = "chatbot-operator"
 DEFAULT_RESYNC_SECONDS = 60.0
 DEFAULT_PROGRESS_SECONDS = 10.0

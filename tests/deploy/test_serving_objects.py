@@ -59,7 +59,7 @@ def test_server_objects_validate_against_kubernetes(server_objects: list[dict[st
 def test_server_runs_the_pinned_image_on_the_example_file(server_objects) -> None:
     deployment = one(server_objects, "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert container["image"] == "ghcr.io/ggml-org/llama.cpp:server-b8840"
+    assert container["image"] == "ghcr.io/ggml-org/llama.cpp:server-b11312"
     assert container["args"][:2] == ["-m", "/models/models/support-bot/support-bot.q8_0.gguf"]
     assert container["resources"] == {"requests": {"cpu": "2", "memory": "2Gi"},
                                       "limits": {"cpu": "2", "memory": "4Gi"}}

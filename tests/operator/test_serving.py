@@ -81,7 +81,7 @@ async def test_the_exported_model_is_served_after_success(cluster: Cluster, star
     pod = template["spec"]
     c = container(deployment)
     # The smallest exported file (q8_0), from its claim mounted read-only.
-    assert c["image"] == "ghcr.io/ggml-org/llama.cpp:server-b8840"
+    assert c["image"] == "ghcr.io/ggml-org/llama.cpp:server-b11312"
     assert c["args"] == ["-m", "/models/support-bot/support-bot.q8_0.gguf", "--host", "0.0.0.0",
                          "--port", "8080", "--metrics", "--alias", "support-bot", "-c", "4096",
                          "-np", "4", "--threads-http", "8"]
@@ -153,7 +153,7 @@ async def test_gpu_server_options_changes_and_deletion(cluster: Cluster, start_o
     deployment = await wait_for(lambda: server(cluster), message="server Deployment")
     c = container(deployment)
     pod = deployment["spec"]["template"]["spec"]
-    assert c["image"] == "ghcr.io/ggml-org/llama.cpp:server-cuda-b8840"
+    assert c["image"] == "ghcr.io/ggml-org/llama.cpp:server-cuda-b11312"
     assert c["args"] == ["-m", "/models/support-bot/support-bot.f16.gguf", "--host", "0.0.0.0",
                          "--port", "8080", "--metrics", "--alias", "support-bot", "-c", "8192",
                          "--threads-http", "8", "-t", "2", "-ngl", "999", "--parallel", "4"]
@@ -175,7 +175,7 @@ async def test_gpu_server_options_changes_and_deletion(cluster: Cluster, start_o
                              and d, message="Deployment patched")
     c = container(patched)
     assert c["args"][-8:] == ["-c", "2048", "--threads-http", "6", "-t", "1", "--parallel", "4"]
-    assert c["image"] == "ghcr.io/ggml-org/llama.cpp:server-b8840"
+    assert c["image"] == "ghcr.io/ggml-org/llama.cpp:server-b11312"
     assert "nodeSelector" not in patched["spec"]["template"]["spec"]
     assert "tolerations" not in patched["spec"]["template"]["spec"]
     assert c["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "1"}}

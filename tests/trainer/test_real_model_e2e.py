@@ -14,14 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from chatbot_trainer import cli
 from chatbot_trainer.model import packaged_models
 
-ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT / "examples" / "data" / "support.jsonl"
-RUN = ["--model_type", "smollm", "--training_steps", "3", "--batch_size", "2", "--learning_rate", "0.0003",
-       "--set", "maxSeqLength=128", "--set", "evaluation.maxEvalExamples=6", "--set", "evaluation.sampleAnswers=2",
-       "--set", "export.quantizations=[f16,q4_k_m]"]
 CHAT = [
     {"role": "user", "content": "Order 12345 was charged $19.99 twice on 2026-11-30. Why?"},
 ]
@@ -30,11 +24,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.llama_cpp]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    assert packaged_models.find("smollm"), f"run: {packaged_models.fetch_hint('smollm')} (the test command does)"
-    out = tmp_path_factory.mktemp("real")
-    assert cli.training_main(["run", "-q", "--training_data", str(DATA), "--name", "bot", "-o", str(out), *RUN]) == 0
-    return out
+def run(real_smollm_run):
+    return real_smollm_run
 
 
 @pytest.fixture(scope="module")
