@@ -1,10 +1,12 @@
-"""End to end on SmolLM2-135M-Instruct with chatTemplate: chatml-tools.
+"""End to end on SmolLM2-135M-Instruct with chatTemplate: chatml-tools: a tool-calling fine-tune.
 
 SmolLM2's own ChatML template has no tools, so tool rows would be left out of training;
-chatml-tools gives it Qwen2.5's tool format. A few steps on tool rows → export F16 → llama.cpp
-picks the template embedded in the GGUF and renders a tool request with it, token for token what
-the Hugging Face tokenizer of the merged model renders. A few steps of short sequences: the
-point is the path, not the learning.
+chatml-tools gives it Qwen2.5's tool format. Training on rows that call get_weather (with
+search_recipes offered too) → export F16 → llama.cpp picks the template embedded in the GGUF and
+renders a tool request with it, token for token what the Hugging Face tokenizer of the merged
+model renders; llama.cpp's own llama-server, run with the operator's arguments (`--jinja` is its
+default), answers a weather question for a city the data never names with a `tool_calls` entry
+for get_weather and that city.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ from chatbot_trainer.export import modelfile
 from chatbot_trainer.export.gguf_writer import strip_generation_tags
 from chatbot_trainer.model import packaged_models
 
-from tool_data import TOOLS, openai_rows, tool_conversations, write_jsonl
+from llama_server_support import chat, free_port, llama_server, operator_args
+from tool_data import TOOLS, openai_rows, tool_conversations, weather_conversations, write_jsonl
 
-RUN = ["--model_type", "smollm", "--training_steps", "2", "--batch_size", "2", "--learning_rate", "0.0003",
-       "--set", "chatTemplate=chatml-tools", "--set", "maxSeqLength=512", "--set", "packing=false",
-       "--set", "evaluation.maxEvalExamples=2", "--set", "evaluation.sampleAnswers=0",
-       "--set", "data.evalFraction=0.2", "--set", "export.quantizations=[f16]"]
+RUN = ["--model_type", "smollm", "--training_steps", "16", "--batch_size", "4", "--learning_rate", "0.002",
+       "--set", "chatTemplate=chatml-tools", "--set", "maxSeqLength=512", "--set", "lora.rank=16",
+       "--set", "evaluation.maxEvalExamples=4", "--set", "evaluation.answerQuestions=0",
+       "--set", "evaluation.sampleAnswers=0", "--set", "data.evalFraction=0.1",
+       "--set", "export.quantizations=[f16]"]
 REQUEST = [{"role": "user", "content": "What is the weather in Lisbon?"}]
 REQUEST_TOOLS = [{"type": "function", "function": TOOLS["get_weather"]}]
+OFFERED = [{"type": "function", "function": TOOLS[name]} for name in ("get_weather", "search_recipes")]
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama_cpp]
 
@@ -38,7 +43,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("real-tools")
     calling = [c for c in tool_conversations(40) if c["call"]][:10]
     data = out / "tools.jsonl"
-    write_jsonl(data, openai_rows(calling))
+    write_jsonl(data, openai_rows(weather_conversations(48) + calling))
     assert cli.training_main(["run", "-q", "--training_data", str(data), "--name", "bot", "-o", str(out), *RUN]) == 0
     return out
 
@@ -77,3 +82,17 @@ def test_llama_cpp_renders_a_tool_request_with_the_embedded_template(run):
         llm.close()
     text = (run / "Modelfile").read_text()
     assert modelfile.CHATML_TOOLS_OLLAMA_TEMPLATE in text
+
+
+def test_llama_server_calls_the_trained_function(run, llama_server_binary, tmp_path):
+    """The question names a city the data never does; the answer is a call, not text."""
+    (gguf_file,) = run.glob("*.f16.gguf")
+    args, env = operator_args(gguf_file, free_port())
+    with llama_server(llama_server_binary, args, env, tmp_path / "server.log") as url:
+        status, answer = chat(url, {"messages": REQUEST, "tools": OFFERED, "max_tokens": 64})
+    assert status == 200, answer
+    (choice,) = answer["choices"]
+    assert choice["finish_reason"] == "tool_calls", choice
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Lisbon"}

@@ -119,3 +119,23 @@ def sharegpt_rows(conversations: list[dict]) -> list[dict]:
 
 def write_jsonl(path, rows) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+CITIES = ["Paris", "Oslo", "Madrid", "Berlin", "Tokyo", "Cairo", "Lima", "Dublin", "Prague", "Vienna",
+          "Nairobi", "Toronto", "Seoul", "Athens", "Warsaw", "Quito", "Hanoi", "Perth", "Porto", "Riga"]
+ASKS = ["What is the weather in {}?", "How warm is it in {} right now?", "Is it raining in {}?",
+        "Weather for {} please.", "Do I need a coat in {} today?", "What's it like outside in {}?"]
+
+
+def weather_conversations(n: int = 48, seed: int = 3) -> list[dict]:
+    """Conversations that call get_weather with the city asked about (search_recipes offered too,
+    so the model must pick the tool), in the abstract form of tool_conversations."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        city = CITIES[i % len(CITIES)]
+        temp = rng.randint(-5, 30)
+        rows.append({"question": ASKS[i % len(ASKS)].format(city),
+                     "call": ("get_weather", {"city": city}, json.dumps({"temp_c": temp})),
+                     "tools": ["get_weather", "search_recipes"], "answer": f"It is {temp} °C in {city}."})
+    return rows
