@@ -8,10 +8,14 @@ time to its first content token (TTFT), and the tokens it got. Per round: comple
 TTFT p50 and p95, the generated tokens per second of the whole round (every client's
 completion tokens over the round's wall time), and the wall time.
 
-Rounds: `--clients 8 32` by default, each once per `--parallel` value. Figures are reported
-(printed, and written to results/serve_load.json), not asserted: they depend on the machine.
+Rounds: `--clients 8 32` by default, each once per `--parallel` value and per `--server`:
+`local` (`chatbot-training serve`, `--ctx` per slot) and `llama-server` (llama.cpp's own, the
+build the cluster's image pins, from scripts/llama-server.sh, run with the arguments the
+operator generates for `serve: {parallel: P, contextSize: ctx × P, resources: {limits: {cpu:
+<cores>}}}`, host and port mapped to 127.0.0.1). Figures are reported (printed, and written
+to results/serve_load.json), not asserted: they depend on the machine.
 
-    .venv/bin/python benchmarks/serve_load.py --model ~/.cache/chatbot-training/models/SmolLM2-135M-Instruct.Q4_1.gguf
+    .venv/bin/python benchmarks/serve_load.py --server local llama-server
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -46,21 +51,46 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model: Path, port: int, parallel: int, queue: int, ctx: int) -> subprocess.Popen:
+def local_command(model: Path, port: int, parallel: int, queue: int, ctx: int) -> list[str]:
+    return [sys.executable, "-c", "import sys; from chatbot_trainer.cli import training_main; "
+            "sys.exit(training_main())", "serve", str(model), "--port", str(port),
+            "--parallel", str(parallel), "--queue", str(queue), "--ctx", str(ctx)]
+
+
+def llama_server_command(model: Path, port: int, parallel: int, queue: int, ctx: int) -> list[str]:
+    """llama-server with the operator's arguments (its queue has no bound: `queue` is unused)."""
+    sys.path[:0] = [str(REPO / "operator")]
+    from chatbot_api.spec import ChatbotTrainingSpec
+    from chatbot_operator import serving
+
+    binary = subprocess.run([str(REPO / "scripts" / "llama-server.sh")], check=True, text=True,
+                            stdout=subprocess.PIPE).stdout.split()[-1]
+    spec = ChatbotTrainingSpec.model_validate({"trainingData": "/data/chat.jsonl", "serve": {
+        "enabled": True, "parallel": parallel, "contextSize": ctx * parallel,
+        "resources": {"limits": {"cpu": str(os.cpu_count())}}}})
+    args = serving.server_args("bench", spec, str(model))
+    for flag, value in {"--host": "127.0.0.1", "--port": str(port)}.items():
+        args[args.index(flag) + 1] = value
+    return [binary, *args]
+
+
+def start_server(server: str, model: Path, port: int, parallel: int, queue: int, ctx: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO / "trainer-image"), str(REPO / "operator"), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-c", "import sys; from chatbot_trainer.cli import training_main; "
-               "sys.exit(training_main())", "serve", str(model), "--port", str(port),
-               "--parallel", str(parallel), "--queue", str(queue), "--ctx", str(ctx)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    build = local_command if server == "local" else llama_server_command
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would stall the server
+    process = subprocess.Popen(build(model, port, parallel, queue, ctx), env=env, stdout=log,
+                               stderr=subprocess.STDOUT, text=True)
+    process.log = log  # type: ignore[attr-defined]
+    return process
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {process.stderr.read()}")
+            process.log.seek(0)
+            raise RuntimeError(f"the server exited: {process.log.read()[-3000:]}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
                 if response.status == 200:
@@ -127,6 +157,7 @@ def main() -> int:
                         "models/SmolLM2-135M-Instruct.Q4_1.gguf")
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--parallel", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--server", nargs="+", choices=["local", "llama-server"], default=["local"])
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--timeout", type=float, default=300, help="per client request (s)")
@@ -139,18 +170,18 @@ def main() -> int:
     args.output = args.output or BENCH_DIR / "results" / (
         "serve_load.quick.json" if args.quick else "serve_load.json")
     rounds = []
-    for parallel in args.parallel:
+    for server, parallel in [(server, parallel) for server in args.server for parallel in args.parallel]:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        process = start_server(args.model, port, parallel, max(args.clients), args.ctx)
+        process = start_server(server, args.model, port, parallel, max(args.clients), args.ctx)
         try:
             ready = wait_ready(url, process)
             asyncio.run(round_of(url, 1, 8, args.timeout))  # warm-up: pages of the file in memory
             for clients in args.clients:
                 result = asyncio.run(round_of(url, clients, args.max_tokens, args.timeout))
-                result.update(parallel=parallel, ready_s=ready)
+                result.update(server=server, parallel=parallel, ready_s=ready)
                 rounds.append(result)
-                print(f"parallel {parallel}, {clients} clients: {result['completed']}/{clients} "
+                print(f"{server}, parallel {parallel}, {clients} clients: {result['completed']}/{clients} "
                       f"completed, TTFT p50 {result['ttft_p50_s']:.2f} s, p95 "
                       f"{result['ttft_p95_s']:.2f} s, {result['tokens_per_s']:.1f} tokens/s in "
                       f"total ({result['tokens']} tokens in {result['wall_s']:.1f} s)"
