@@ -60,7 +60,9 @@ def request(url: str, body: bytes | dict | None = None, method: str | None = Non
 
 
 @contextlib.contextmanager
-def llama_server(binary: Path, args: list[str], env: dict[str, str], log: Path):
+def running(binary: Path, args: list[str], env: dict[str, str], log: Path):
+    """`binary args…` (llama-server, or `chatbot-training serve`) until its /health answers 200;
+    its URL while the block runs; SIGTERM after."""
     port = args[args.index("--port") + 1]
     url = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:

@@ -20,7 +20,7 @@ import pytest
 
 from chatbot_operator import settings
 
-from llama_server_support import NAME, QUESTION, chat, free_port, llama_server, operator_args, request
+from llama_server_support import NAME, QUESTION, chat, free_port, operator_args, request, running
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama_cpp]
 
@@ -34,7 +34,7 @@ def gguf(real_smollm_run) -> Path:
 def server(llama_server_binary, gguf, tmp_path_factory):
     args, env = operator_args(gguf, free_port())
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    with llama_server(llama_server_binary, args, env, log) as url:
+    with running(llama_server_binary, args, env, log) as url:
         yield url, args
 
 
@@ -169,7 +169,7 @@ def test_stream_usage_errors_for_bad_bodies_and_unknown_paths(server):
 def test_with_an_api_key_health_is_public_and_metrics_need_the_key(llama_server_binary, gguf, tmp_path):
     args, env = operator_args(gguf, free_port(), apiKeySecret={"name": "bot-key", "key": "token"})
     assert "LLAMA_API_KEY" not in env  # from the Secret in the cluster; given here by value
-    with llama_server(llama_server_binary, args, {**env, "LLAMA_API_KEY": "s3cret"}, tmp_path / "log") as url:
+    with running(llama_server_binary, args, {**env, "LLAMA_API_KEY": "s3cret"}, tmp_path / "log") as url:
         assert request(f"{url}/health")[0] == 200
         assert request(f"{url}/metrics")[0] == 401
         assert request(f"{url}/metrics", headers={"Authorization": "Bearer s3cret"})[0] == 200

@@ -12,6 +12,7 @@ for get_weather and that city.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from chatbot_trainer.export import modelfile
 from chatbot_trainer.export.gguf_writer import strip_generation_tags
 from chatbot_trainer.model import packaged_models
 
-from llama_server_support import chat, free_port, llama_server, operator_args
+from llama_server_support import chat, free_port, operator_args, running
 from tool_data import TOOLS, openai_rows, tool_conversations, weather_conversations, write_jsonl
 
 RUN = ["--model_type", "smollm", "--training_steps", "16", "--batch_size", "4", "--learning_rate", "0.002",
@@ -88,7 +89,7 @@ def test_llama_server_calls_the_trained_function(run, llama_server_binary, tmp_p
     """The question names a city the data never does; the answer is a call, not text."""
     (gguf_file,) = run.glob("*.f16.gguf")
     args, env = operator_args(gguf_file, free_port())
-    with llama_server(llama_server_binary, args, env, tmp_path / "server.log") as url:
+    with running(llama_server_binary, args, env, tmp_path / "server.log") as url:
         status, answer = chat(url, {"messages": REQUEST, "tools": OFFERED, "max_tokens": 64})
     assert status == 200, answer
     (choice,) = answer["choices"]
@@ -96,3 +97,29 @@ def test_llama_server_calls_the_trained_function(run, llama_server_binary, tmp_p
     (call,) = choice["message"]["tool_calls"]
     assert call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "Lisbon"}
+
+
+def test_the_local_server_returns_the_same_tool_call_whole_and_streamed(run, tmp_path):
+    """`chatbot-training serve` gives the call as `tool_calls` too, as llama-server does."""
+    from openai import OpenAI
+
+    (gguf_file,) = run.glob("*.f16.gguf")
+    command = Path(sys.executable).parent / "chatbot-training"
+    port = free_port()
+    with running(command, ["serve", str(gguf_file), "--port", str(port)], {}, tmp_path / "serve.log") as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
+        answer = client.chat.completions.create(model="bot", messages=REQUEST, tools=OFFERED,
+                                                temperature=0, max_tokens=64)
+        (call,) = answer.choices[0].message.tool_calls
+        assert answer.choices[0].finish_reason == "tool_calls"
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Lisbon"}
+        deltas, finish = [], None
+        for chunk in client.chat.completions.create(model="bot", messages=REQUEST, tools=OFFERED,
+                                                    temperature=0, max_tokens=64, stream=True):
+            if chunk.choices:
+                deltas.append(chunk.choices[0].delta)
+                finish = chunk.choices[0].finish_reason or finish
+        (streamed,) = [c for d in deltas for c in d.tool_calls or []]
+        assert finish == "tool_calls" and not "".join(d.content or "" for d in deltas)
+        assert streamed.function.name == "get_weather"
+        assert json.loads(streamed.function.arguments) == {"city": "Lisbon"}

@@ -12,7 +12,9 @@ A generation runs in a worker thread; its chunks reach the client as they come (
 events, `data: {…}` then `data: [DONE]`). A stream that fails after it started ends with an
 `error` event (the `openai` client raises it) rather than silently. A client that goes away
 frees its slot at the next token (streaming) or once its answer is done (not streaming); one
-that goes away while queued never takes a slot.
+that goes away while queued never takes a slot. A chat request that offers tools gets the
+calls of the answer (Qwen2.5's `<tool_call>` blocks) as `tool_calls`, as llama-server
+(tool_calls.py).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
-from chatbot_trainer.serve import protocol
+from chatbot_trainer.serve import protocol, tool_calls
 from chatbot_trainer.serve.protocol import ApiError, GenerationRequest
 from chatbot_trainer.serve.slots import Busy, Slots
 
@@ -61,7 +63,7 @@ class TokenCounter:
     def completion_tokens(self, finish_reason: str | None) -> int:
         # The token that ended the answer (end of turn, a stop string's last token) is sampled
         # but not part of the answer, as in llama-cpp-python's own usage.
-        return max(0, self.sampled - (1 if finish_reason == "stop" else 0))
+        return max(0, self.sampled - (1 if finish_reason in ("stop", "tool_calls") else 0))
 
 
 class ModelServer:
@@ -204,6 +206,8 @@ class ModelServer:
             answers.append(answer)
         result = answers[0]
         result["choices"] = [a["choices"][0] for a in answers]
+        if chat and tool_calls.wanted(request.kwargs):
+            result["choices"] = [tool_calls.in_message(choice) for choice in result["choices"]]
         usage = result.get("usage") or {}
         if usage:
             usage["completion_tokens"] = sum(a["usage"]["completion_tokens"] for a in answers)
@@ -222,19 +226,21 @@ class ModelServer:
                 kwargs = {**request.kwargs, "model": self.alias, "stream": True,
                           "logits_processor": [counter]}
                 finish = None
+                calls = tool_calls.StreamFilter() if chat and tool_calls.wanted(request.kwargs) else None
                 chunks = self._chunks(_checked(call, kwargs), gone)
                 async with contextlib.aclosing(chunks):
-                    async for chunk in chunks:
-                        if not started:
-                            await send({"type": "http.response.start", "status": 200,
-                                        "headers": [(b"content-type", b"text/event-stream"),
-                                                    (b"cache-control", b"no-cache"), *CORS]})
-                            started = True
-                        chunk["id"] = completion_id
-                        for choice in chunk.get("choices") or []:
-                            choice["index"] = index
-                            finish = choice.get("finish_reason") or finish
-                        await send_event(send, chunk)
+                    async for produced in chunks:
+                        for chunk in calls.feed(produced) if calls else [produced]:
+                            if not started:
+                                await send({"type": "http.response.start", "status": 200,
+                                            "headers": [(b"content-type", b"text/event-stream"),
+                                                        (b"cache-control", b"no-cache"), *CORS]})
+                                started = True
+                            chunk["id"] = completion_id
+                            for choice in chunk.get("choices") or []:
+                                choice["index"] = index
+                                finish = choice.get("finish_reason") or finish
+                            await send_event(send, chunk)
                 prompt_tokens = counter.prompt_tokens or prompt_tokens
                 completion_tokens += counter.completion_tokens(finish)
             if request.include_usage:
