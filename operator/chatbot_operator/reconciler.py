@@ -114,6 +114,9 @@ class Reconciler:
         self.tracker = tracker or metrics.TrainingTracker()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._waiting: dict[tuple[str, str], int] = {}  # calls waiting for the lock
+        # Nudges folded into a call already waiting: their `unless` tests (None: always run).
+        # The waiting call skips only when every one of them says the change was seen.
+        self._folded: dict[tuple[str, str], list[Callable[[Seen], bool] | None]] = {}
         self._seen: dict[tuple[str, str], Seen] = {}
         self._attempts: dict[tuple[str, str], int] = {}  # failed tries in a row
         self._held: dict[tuple[str, str], dict[str, Any]] = {}  # status patches: report_held
@@ -128,7 +131,7 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         """The training is gone: drop its lock, what was seen of it and its metrics."""
         key = (namespace, name)
-        for table in (self._locks, self._waiting, self._seen, self._attempts, self._held):
+        for table in (self._locks, self._waiting, self._folded, self._seen, self._attempts, self._held):
             table.pop(key, None)
         self.tracker.forget(namespace, name)
         self.live_progress.forget(namespace, name)
@@ -157,8 +160,9 @@ class Reconciler:
             async with self._lock(key):
                 self._waiting[key] = self._waiting.get(key, 1) - 1
                 waiting = False
+                tests = [unless, *self._folded.pop(key, [])]
                 seen = self._seen.get(key)
-                if unless is not None and seen is not None and unless(seen):
+                if seen is not None and all(test is not None and test(seen) for test in tests):
                     return None
                 started = time.perf_counter()
                 try:
@@ -176,10 +180,12 @@ class Reconciler:
                     unless: Callable[[Seen], bool] | None = None,
                     fresh: Mapping[str, Any] | None = None,
                     report_later: bool = False) -> None:
-        """Reconcile because something changed; a run already waiting covers this one too.
-        An API error is logged and tried again later."""
+        """Reconcile because something changed; a run already waiting covers this one too
+        (it runs unless every change folded into it was already seen). An API error is logged
+        and tried again later."""
         key = (namespace, name)
         if self._waiting.get(key):
+            self._folded.setdefault(key, []).append(unless)
             return
         try:
             await self.reconcile(namespace, name, unless=unless, fresh=fresh,
