@@ -101,13 +101,47 @@ def check_thresholds(metrics: dict[str, Any], evaluation) -> list[str]:
     return problems
 
 
+def _eval_examples(ctx: StepContext, tokenizer) -> tuple[list[dict[str, Any]], list, dict[str, Any], str]:
+    """The held-out conversations and their tokenized examples; a sample of the training split
+    when no held-out conversation fits maxSeqLength (the tokenization says so)."""
+    from chatbot_trainer.data.tokenization import tokenize_dataset
+
+    max_len = ctx.params.max_seq_length
+    conversations, split = _eval_conversations(ctx)
+    examples, tokenization = tokenize_dataset(tokenizer, conversations, max_len)
+    if not examples and split == "eval":
+        note = f"no eval conversation fits maxSeqLength {max_len}"
+        train_sample, split = _train_sample(ctx)
+        examples, tokenization = tokenize_dataset(tokenizer, train_sample, max_len)
+        tokenization["note"] = note
+    if not examples:
+        raise InvalidData(
+            f"no conversation to evaluate fits maxSeqLength {max_len} with assistant tokens "
+            f"({tokenization}): raise maxSeqLength or check the data"
+        )
+    return conversations, examples, tokenization, split
+
+
+def _measure(model, tokenizer, examples: list, settings: dict[str, Any], questions: list,
+             board: ProgressBoard, label: str, first: bool) -> tuple[dict[str, Any], list[str], float]:
+    """One model's eval metrics (the first or second half of the board's batches) and its answers
+    to `questions`, with the seconds the answers took."""
+    from chatbot_trainer.evaluate.metrics import evaluate_model
+    from chatbot_trainer.evaluate.samples import generate_answers
+
+    metrics = evaluate_model(model, examples, **settings, on_batch=lambda done, total: board.update(
+        done if first else total + done, 2 * total))
+    board.pause(f"sample answers of the {label} model")
+    started = time.perf_counter()
+    answers = generate_answers(model, tokenizer, questions)
+    return metrics, answers, time.perf_counter() - started
+
+
 def run(ctx: StepContext) -> dict[str, Any]:
     import torch
 
-    from chatbot_trainer.data.tokenization import tokenize_dataset
     from chatbot_trainer.evaluate.answers import answer_report, answers_warning, held_out_questions
-    from chatbot_trainer.evaluate.metrics import evaluate_model
-    from chatbot_trainer.evaluate.samples import generate_answers, sample_questions, side_by_side
+    from chatbot_trainer.evaluate.samples import sample_questions, side_by_side
     from chatbot_trainer.model.loading import load_base_model, load_trained_model
 
     params = ctx.params
@@ -126,18 +160,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     micro = node["micro_batch_size"]
 
     model, tokenizer = load_trained_model(trained, merge=True, device=device, dtype=dtype)
-    conversations, split = _eval_conversations(ctx)
-    examples, tokenization = tokenize_dataset(tokenizer, conversations, params.max_seq_length)
-    if not examples and split == "eval":
-        note = f"no eval conversation fits maxSeqLength {params.max_seq_length}"
-        train_sample, split = _train_sample(ctx)
-        examples, tokenization = tokenize_dataset(tokenizer, train_sample, params.max_seq_length)
-        tokenization["note"] = note
-    if not examples:
-        raise InvalidData(
-            f"no conversation to evaluate fits maxSeqLength {params.max_seq_length} with assistant tokens "
-            f"({tokenization}): raise maxSeqLength or check the data"
-        )
+    conversations, examples, tokenization, split = _eval_examples(ctx, tokenizer)
 
     settings = dict(
         micro_batch_size=micro,
@@ -156,21 +179,13 @@ def run(ctx: StepContext) -> dict[str, Any]:
     timings: dict[str, float] = {}
     try:
         with serving(board):
-            metrics = evaluate_model(model, examples, **settings,
-                                     on_batch=lambda done, total: board.update(done, 2 * total))
-            board.pause("sample answers of the fine-tuned model")
-            started = time.perf_counter()
-            fine_tuned_answers = generate_answers(model, tokenizer, to_answer)
-            timings["fine_tuned"] = time.perf_counter() - started
+            metrics, fine_tuned_answers, timings["fine_tuned"] = _measure(
+                model, tokenizer, examples, settings, to_answer, board, "fine-tuned", first=True)
             del model
             board.pause("loading the base model")
             base_model = load_base_model(trained, device=device, dtype=dtype)
-            base_metrics = evaluate_model(base_model, examples, **settings,
-                                          on_batch=lambda done, total: board.update(total + done, 2 * total))
-            board.pause("sample answers of the base model")
-            started = time.perf_counter()
-            base_answers = generate_answers(base_model, tokenizer, to_answer)
-            timings["base"] = time.perf_counter() - started
+            base_metrics, base_answers, timings["base"] = _measure(
+                base_model, tokenizer, examples, settings, to_answer, board, "base", first=False)
             del base_model
     except ValueError as exc:  # e.g. a model that cannot keep packed examples apart
         raise InvalidConfig(str(exc)) from exc
@@ -206,9 +221,8 @@ def run(ctx: StepContext) -> dict[str, Any]:
             f"at most {MAX_NEW_TOKENS} new tokens)"
         answers["held_out_questions"] = len(all_questions)
         report["answers"] = answers
-        for name, model_metrics in (("metrics", report["metrics"]), ("base_metrics", report["base_metrics"])):
-            scores = answers["fine_tuned" if name == "metrics" else "base"]
-            model_metrics.update(fact_recall=scores["fact_recall"], rouge_l=scores["rouge_l"])
+        for key, which in (("metrics", "fine_tuned"), ("base_metrics", "base")):
+            report[key].update(fact_recall=answers[which]["fact_recall"], rouge_l=answers[which]["rouge_l"])
         worse = answers_warning(answers)
         if worse:
             warnings.append(worse)
