@@ -226,11 +226,13 @@ class ModelServer:
                 kwargs = {**request.kwargs, "model": self.alias, "stream": True,
                           "logits_processor": [counter]}
                 finish = None
-                calls = tool_calls.StreamFilter() if chat and tool_calls.wanted(request.kwargs) else None
+                # The chunks to send for each produced: its tool calls parsed out where asked.
+                outgoing = (tool_calls.StreamFilter().feed if chat and tool_calls.wanted(request.kwargs)
+                            else lambda chunk: [chunk])
                 chunks = self._chunks(_checked(call, kwargs), gone)
                 async with contextlib.aclosing(chunks):
                     async for produced in chunks:
-                        for chunk in calls.feed(produced) if calls else [produced]:
+                        for chunk in outgoing(produced):
                             if not started:
                                 await send({"type": "http.response.start", "status": 200,
                                             "headers": [(b"content-type", b"text/event-stream"),
